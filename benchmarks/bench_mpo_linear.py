@@ -1,0 +1,110 @@
+"""MPOLinear vs nn.Linear (and vs a naive rebuild) at 768 -> 3072 with 4096 tokens.
+
+Prints ratios (candidate median / nn.Linear median, interleaved runs in one process) for
+forward, forward+backward (training step) and eval with the weight cache, for a lossless MPO
+and max_bond 64 / 16. "naive" rebuilds W every call with a fixed left-to-right tensordot chain.
+
+    python benchmarks/bench_mpo_linear.py [--tokens 4096] [--repeats 9] [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+from torch import nn
+
+from _timing import interleaved
+from tnmoe.networks import MPOLinear
+
+IN_FACTORS, OUT_FACTORS = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
+
+
+def naive_weight(cores):
+    """Fixed left-to-right chain: ((G1 G2) G3) ... with tensordot, then permute to (out, in)."""
+    acc = cores[0]  # (1, o1, i1, r1)
+    for c in cores[1:]:
+        acc = torch.tensordot(acc, c, dims=([acc.dim() - 1], [0]))
+    m = len(cores)
+    acc = acc.squeeze(0).squeeze(-1)  # (o1, i1, o2, i2, ...)
+    acc = acc.permute(*range(0, 2 * m, 2), *range(1, 2 * m, 2))
+    out = 1
+    for c in cores:
+        out *= c.shape[1]
+    return acc.reshape(out, -1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="write the ratios to this JSON file")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    lin = nn.Linear(768, 3072, device=dev)
+    x = torch.randn(args.tokens, 768, device=dev)
+    rows = []
+    print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"tokens={args.tokens} repeats={args.repeats} ({platform.processor() or platform.machine()})")
+    for max_bond in (None, 64, 16):
+        mpo = MPOLinear.from_linear(lin, in_factors=IN_FACTORS, out_factors=OUT_FACTORS, max_bond=max_bond)
+        label = "lossless" if max_bond is None else f"max_bond={max_bond}"
+        plan = mpo.explain(args.tokens)
+
+        def train_step(mod):
+            def f():
+                mod.zero_grad(set_to_none=True)
+                mod(x).sum().backward()
+            return f
+
+        def naive_train():
+            mpo.zero_grad(set_to_none=True)
+            W = naive_weight(list(mpo.cores))
+            torch.nn.functional.linear(x, W, mpo.bias).sum().backward()
+
+        def naive_fwd():
+            with torch.no_grad():
+                torch.nn.functional.linear(x, naive_weight(list(mpo.cores)), mpo.bias)
+
+        def fwd(mod):
+            def f():
+                with torch.no_grad():
+                    mod(x)
+            return f
+
+        mpo.train(); lin.train()
+        t_train = interleaved({"linear": train_step(lin), "mpo": train_step(mpo), "naive": naive_train},
+                              repeats=args.repeats, sync=sync)
+        t_fwd = interleaved({"linear": fwd(lin), "mpo": fwd(mpo), "naive": naive_fwd},
+                            repeats=args.repeats, sync=sync)
+        mpo.eval()
+        t_eval = interleaved({"linear": fwd(lin), "mpo": fwd(mpo)}, repeats=args.repeats, sync=sync)
+        row = {
+            "config": label,
+            "bond_dims": mpo.bond_dims,
+            "params": sum(p.numel() for p in mpo.parameters()),
+            "plan_at_tokens": plan.mode,
+            "forward_vs_linear": t_fwd["mpo"] / t_fwd["linear"],
+            "train_step_vs_linear": t_train["mpo"] / t_train["linear"],
+            "eval_cached_vs_linear": t_eval["mpo"] / t_eval["linear"],
+            "forward_vs_naive": t_fwd["mpo"] / t_fwd["naive"],
+            "train_step_vs_naive": t_train["mpo"] / t_train["naive"],
+        }
+        rows.append(row)
+        print(f"{label:>13} plan={plan.mode:<11} fwd/linear={row['forward_vs_linear']:.2f}x  "
+              f"train/linear={row['train_step_vs_linear']:.2f}x  eval(cached)/linear="
+              f"{row['eval_cached_vs_linear']:.2f}x  fwd/naive={row['forward_vs_naive']:.2f}x  "
+              f"train/naive={row['train_step_vs_naive']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": str(dev), "tokens": args.tokens, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

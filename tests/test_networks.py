@@ -1,0 +1,324 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tnmoe.networks import (
+    MPO,
+    ContractionEngine,
+    MPOLinear,
+    TensorTrain,
+    contract_network,
+    factorize,
+    from_finite_mpo,
+    from_tensornetwork,
+    mpo_bond_dims,
+    to_finite_mpo,
+    to_tensornetwork,
+    tt_svd,
+)
+
+PAPER_768 = {3: [8, 12, 8], 5: [4, 4, 4, 4, 3], 7: [2, 2, 4, 4, 3, 2, 2], 9: [2, 2, 2, 2, 3, 2, 2, 2, 2]}
+PAPER_3072 = {3: [12, 16, 16], 5: [4, 4, 8, 6, 4], 7: [2, 4, 4, 4, 4, 3, 2], 9: [2, 2, 2, 4, 4, 3, 2, 2, 2]}
+
+
+def rel_err(a, b):
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+# --- factorization ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dim", [768, 3072, 4096, 1000, 7])
+@pytest.mark.parametrize("m", [2, 3, 5, 7, 9])
+def test_factorize_product_and_balance(dim, m):
+    f = factorize(dim, m)
+    assert len(f) == m and math.prod(f) == dim
+    assert max(f) <= max(2, dim)
+
+
+def test_factorize_literature_shapes_reachable():
+    for m in (3, 5, 7, 9):
+        assert factorize(768, PAPER_768[m]) == PAPER_768[m]
+        assert factorize(3072, PAPER_3072[m]) == PAPER_3072[m]
+    assert factorize(3072, 5) == [4, 4, 8, 6, 4]
+    assert factorize(3072, 3) == [12, 16, 16]
+
+
+def test_factorize_errors():
+    with pytest.raises(ValueError, match="multiply to"):
+        factorize(768, [4, 4, 4])
+    with pytest.raises(ValueError, match="m >= 2"):
+        factorize(768, 1)
+
+
+# --- lossless round trips ----------------------------------------------------------------------
+@pytest.mark.parametrize("m", [3, 5, 7, 9])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_round_trip_ffn_shapes_float64(m, transpose):
+    g = torch.Generator().manual_seed(m)
+    out_f, in_f = (PAPER_3072[m], PAPER_768[m]) if not transpose else (PAPER_768[m], PAPER_3072[m])
+    W = torch.randn(math.prod(out_f), math.prod(in_f), dtype=torch.float64, generator=g)
+    mpo = MPO.from_matrix(W, in_f, out_f)
+    assert rel_err(mpo.to_matrix(), W) < 1e-10
+    assert mpo.bond_dims == mpo_bond_dims(in_f, out_f)
+
+
+@pytest.mark.parametrize("m", [3, 5, 7, 9])
+def test_round_trip_ffn_shapes_float32(m):
+    W = torch.randn(3072, 768, generator=torch.Generator().manual_seed(1))
+    mpo = MPO.from_matrix(W, PAPER_768[m], PAPER_3072[m])
+    assert mpo.cores[0].dtype == torch.float32
+    assert rel_err(mpo.to_matrix(), W) < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_round_trip_random_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(2, 5, (1,), generator=g))
+    out_f = [int(v) for v in torch.randint(1, 5, (m,), generator=g)]
+    in_f = [int(v) for v in torch.randint(1, 5, (m,), generator=g)]
+    W = torch.randn(math.prod(out_f), math.prod(in_f), dtype=torch.float64, generator=g)
+    for center in (None, 0, "central", m - 1):
+        assert rel_err(MPO.from_matrix(W, in_f, out_f, center=center).to_matrix(), W) < 1e-10
+
+
+def test_t5_base_bond_dims_and_core_sizes():
+    W = torch.randn(3072, 768)
+    mpo = MPO.from_matrix(W, in_factors=[3, 4, 4, 4, 4], out_factors=[4, 4, 8, 6, 4])
+    assert mpo.bond_dims == [1, 12, 192, 384, 16, 1]
+    assert mpo.core_sizes == [144, 36864, 2359296, 147456, 256]
+    assert mpo.num_params() == sum(mpo.core_sizes)
+
+
+def test_central_canonical_form_puts_norm_in_centre():
+    W = torch.randn(64, 48, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, [4, 3, 4], [4, 4, 4])
+    assert mpo.center == 1
+    left, centre, right = mpo.cores
+    L = left.reshape(-1, left.shape[-1])
+    R = right.reshape(right.shape[0], -1)
+    assert torch.allclose(L.T @ L, torch.eye(L.shape[1], dtype=W.dtype), atol=1e-10)
+    assert torch.allclose(R @ R.T, torch.eye(R.shape[0], dtype=W.dtype), atol=1e-10)
+    assert abs(centre.norm().item() - W.norm().item()) < 1e-8
+
+
+# --- truncation --------------------------------------------------------------------------------
+def test_truncation_error_monotone_in_max_bond():
+    torch.manual_seed(0)
+    W = torch.randn(256, 256, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, [4, 4, 4, 4], [4, 4, 4, 4])
+    errs = [(mpo.truncate(max_bond=b).to_matrix() - W).norm().item() for b in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+    assert all(a >= b - 1e-9 for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 1e-9 and errs[0] > 0.5 * W.norm().item()
+
+
+def test_single_cut_error_equals_discarded_singular_values():
+    torch.manual_seed(0)
+    W = torch.randn(36, 20, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, [4, 5], [6, 6], max_bond=5)
+    # the single cut is the SVD of W reshaped to (o1 i1, o2 i2)
+    t = W.reshape(6, 6, 4, 5).permute(0, 2, 1, 3).reshape(24, 30)
+    s = torch.linalg.svdvals(t)
+    expected = s[5:].norm().item()
+    actual = (mpo.to_matrix() - W).norm().item()
+    assert abs(actual - expected) < 1e-10
+    assert abs(mpo.truncation_error - expected) < 1e-10
+    # truncating a lossless MPO afterwards agrees too
+    trunc = MPO.from_matrix(W, [4, 5], [6, 6]).truncate(max_bond=5)
+    assert abs((trunc.to_matrix() - W).norm().item() - expected) < 1e-10
+    assert abs(trunc.truncation_error - expected) < 1e-10
+
+
+def test_rtol_truncation_meets_tolerance():
+    torch.manual_seed(0)
+    # a low-rank-plus-noise matrix has a clear spectrum gap
+    W = (torch.randn(256, 8) @ torch.randn(8, 256) + 1e-3 * torch.randn(256, 256)).double()
+    mpo = MPO.from_matrix(W, [4, 4, 4, 4], [4, 4, 4, 4], rtol=1e-2)
+    assert rel_err(mpo.to_matrix(), W) <= 1e-2
+    assert mpo.num_params() < MPO.from_matrix(W, [4, 4, 4, 4], [4, 4, 4, 4]).num_params()
+
+
+def test_tensor_train_round_trip_and_truncation():
+    torch.manual_seed(0)
+    T = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    tt = TensorTrain.from_tensor(T)
+    assert tt.bond_dims == [1, 3, 12, 6, 1]
+    assert rel_err(tt.to_tensor(), T) < 1e-10
+    cores, info = tt_svd(T, max_bond=2)
+    assert max(c.shape[-1] for c in cores) <= 2 and info.error_bound > 0
+    assert (TensorTrain(cores).to_tensor() - T).norm().item() <= info.error_bound + 1e-9
+
+
+# --- MPOLinear -------------------------------------------------------------------------------
+def test_mpolinear_from_linear_matches_dense_float32():
+    torch.manual_seed(0)
+    lin = nn.Linear(768, 3072)
+    layer = MPOLinear.from_linear(lin, in_factors=[3, 4, 4, 4, 4], out_factors=[4, 4, 8, 6, 4])
+    x = torch.randn(2, 7, 768)
+    assert rel_err(layer(x), lin(x)) < 1e-5
+    assert layer.bond_dims == [1, 12, 192, 384, 16, 1]
+
+
+def test_mpolinear_from_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(48, 32)  # nf=48 outputs, nx=32 inputs; weight (32, 48)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    layer = MPOLinear.from_linear(conv, in_factors=[4, 8], out_factors=[6, 8])
+    x = torch.randn(5, 32)
+    assert rel_err(layer(x), conv(x)) < 1e-5
+
+
+def test_mpolinear_gradcheck_float64():
+    torch.manual_seed(0)
+    layer = MPOLinear(in_features=12, out_features=8, in_factors=[3, 4], out_factors=[2, 4],
+                      bond_dim=3, dtype=torch.float64)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    for mode in ("stream", "reconstruct"):
+        layer.mode = mode
+        assert torch.autograd.gradcheck(
+            lambda x, *cores: layer(x), (x, *layer.cores), eps=1e-6, atol=1e-6
+        )
+
+
+def test_mpolinear_gradients_match_dense():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 12, dtype=torch.float64)
+    layer = MPOLinear.from_linear(lin, in_factors=[2, 3, 4], out_factors=[2, 3, 2])
+    x = torch.randn(6, 24, dtype=torch.float64, requires_grad=True)
+    (layer(x) ** 2).sum().backward()
+    gx_mpo = x.grad.clone()
+    x.grad = None
+    (lin(x) ** 2).sum().backward()
+    assert torch.allclose(gx_mpo, x.grad, atol=1e-10)
+    assert torch.allclose(layer.bias.grad, lin.bias.grad, atol=1e-10)
+    # the gradient w.r.t. the dense weight, pulled back through the cores, matches d/dcores
+    W = layer.weight()
+    gW = lin.weight.grad
+    core_grads = torch.autograd.grad((W * gW).sum(), list(layer.cores))
+    for g, c in zip(core_grads, layer.cores):
+        assert torch.allclose(g, c.grad, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_mpolinear_dtypes(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16).to(dtype)
+    layer = MPOLinear.from_linear(lin, in_factors=[4, 8], out_factors=[4, 4])
+    assert all(c.dtype == dtype for c in layer.cores)
+    x = torch.randn(3, 32).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 5e-2}[dtype]
+    assert rel_err(layer(x).float(), lin(x).float()) < tol
+
+
+def test_eval_cache_invalidated_when_core_changes():
+    torch.manual_seed(0)
+    layer = MPOLinear(in_features=16, out_features=16, in_factors=[4, 4], out_factors=[4, 4], mode="reconstruct")
+    layer.eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        y1 = layer(x)
+        assert layer._cached_weight is not None
+        y1b = layer(x)
+        assert torch.equal(y1, y1b)
+        layer.cores[0].mul_(2.0)  # in-place change bumps the version counter
+        y2 = layer(x)
+    assert torch.allclose(y2, 2 * (y1 - layer.bias) + layer.bias, atol=1e-5)
+    # an optimizer step also invalidates it
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        y3 = layer(x)
+        ref = x @ layer.weight().T + layer.bias
+    assert torch.allclose(y3, ref, atol=1e-5)
+
+
+def test_engine_chooses_stream_and_reconstruct():
+    lin = nn.Linear(768, 3072)
+    small = MPOLinear.from_linear(lin, in_factors=[3, 4, 4, 4, 4], out_factors=[4, 4, 8, 6, 4], max_bond=16)
+    big = MPOLinear.from_linear(lin, in_factors=[3, 4, 4, 4, 4], out_factors=[4, 4, 8, 6, 4])
+    assert small.explain(4).mode == "stream"
+    assert big.explain(4096).mode == "reconstruct"
+    plan = big.explain(4096)
+    assert plan.reconstruct_flops > 0 and plan.matmul_flops > 0 and "FLOPs" in str(plan)
+    # both modes agree numerically
+    x = torch.randn(4, 768)
+    y_auto = small(x)
+    assert small.last_plan.mode == "stream"
+    small.mode = "reconstruct"
+    assert rel_err(y_auto, small(x)) < 1e-5
+
+
+def test_engine_caches_expressions():
+    engine = ContractionEngine()
+    layer = MPOLinear(in_features=16, out_features=16, in_factors=[4, 4], out_factors=[4, 4], engine=engine)
+    x = torch.randn(3, 16)
+    layer(x)
+    layer(x)
+    info = engine.cache_info()
+    assert info["expressions"].hits >= 1 and info["paths"].misses >= 1
+
+
+# --- errors ------------------------------------------------------------------------------------
+def test_bad_inputs_raise_value_error():
+    W = torch.randn(12, 20)
+    with pytest.raises(ValueError, match="multiply to"):
+        MPO.from_matrix(W, [4, 4], [3, 4])
+    with pytest.raises(ValueError, match="m >= 2"):
+        MPO.from_matrix(W, [20], [12])
+    with pytest.raises(ValueError, match="max_bond"):
+        MPO.from_matrix(W, [4, 5], [3, 4], max_bond=0)
+    with pytest.raises(ValueError, match="max_bond"):
+        MPO.from_matrix(W, [4, 5], [3, 4], max_bond=-3)
+    bad = W.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        MPO.from_matrix(bad, [4, 5], [3, 4])
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        MPO.from_matrix(bad, [4, 5], [3, 4])
+    with pytest.raises(ValueError, match="mismatched core shapes"):
+        MPO([torch.randn(1, 2, 2, 3), torch.randn(4, 2, 2, 1)])
+    with pytest.raises(ValueError, match="same length"):
+        MPO.from_matrix(W, [4, 5], [2, 3, 2])
+    layer = MPOLinear(in_features=20, out_features=12, in_factors=[4, 5], out_factors=[3, 4])
+    with pytest.raises(ValueError, match="20 features"):
+        layer(torch.randn(2, 21))
+
+
+# --- tensornetwork interop --------------------------------------------------------------------
+def test_tensornetwork_round_trip_and_contraction():
+    torch.manual_seed(0)
+    W = torch.randn(24, 30, dtype=torch.float64)
+    mpo = MPO.from_matrix(W, [2, 3, 5], [2, 3, 4])
+    nodes, outs, ins = to_tensornetwork(mpo)
+    assert rel_err(from_tensornetwork(nodes).to_matrix(), W) < 1e-10
+    dense = contract_network(nodes, outs + ins).reshape(24, 30)
+    assert rel_err(dense, W) < 1e-10
+    fmpo = to_finite_mpo(mpo)
+    assert fmpo.bond_dimensions == mpo.bond_dims
+    assert rel_err(from_finite_mpo(fmpo).to_matrix(), W) < 1e-10
+
+
+def test_contract_user_built_network_keeps_autograd():
+    import tensornetwork as tn
+
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 5, dtype=torch.float64)
+    c = torch.randn(5, 3, dtype=torch.float64)
+    na, nb, nc = (tn.Node(t, backend="pytorch") for t in (a, b, c))
+    na[1] ^ nb[0]
+    nb[1] ^ nc[0]
+    nc[1] ^ na[0]
+    trace = contract_network([na, nb, nc])
+    assert torch.allclose(trace, torch.trace(a @ b @ c))
+    trace.backward()
+    assert torch.allclose(a.grad, (b @ c).T)
+    with pytest.raises(ValueError, match="dangling"):
+        nd = tn.Node(torch.randn(3, 2, dtype=torch.float64), backend="pytorch")
+        contract_network([nd])

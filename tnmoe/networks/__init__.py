@@ -1,0 +1,51 @@
+"""Tensor-network core: MPO / tensor-train algebra, contraction engine, ``MPOLinear``.
+
+Knows nothing of experts or routing (see :mod:`tnmoe.moe`).
+"""
+
+from .contraction import (
+    ContractionEngine,
+    ContractionPlan,
+    apply_equation,
+    default_engine,
+    reconstruct_equation,
+)
+from .decompose import SVDTruncation, lossless_bond_dims, move_center, truncate_train, tt_svd
+from .factorize import check_factors, factorize
+from .interop import (
+    contract_network,
+    from_finite_mpo,
+    from_tensornetwork,
+    network_to_einsum,
+    to_finite_mpo,
+    to_tensornetwork,
+)
+from .layers import MPOLinear, linear_weight
+from .mpo import MPO, TensorTrain, mpo_bond_dims, mpo_core_shapes
+
+__all__ = [
+    "MPO",
+    "TensorTrain",
+    "MPOLinear",
+    "ContractionEngine",
+    "ContractionPlan",
+    "default_engine",
+    "apply_equation",
+    "reconstruct_equation",
+    "factorize",
+    "check_factors",
+    "tt_svd",
+    "truncate_train",
+    "move_center",
+    "lossless_bond_dims",
+    "mpo_bond_dims",
+    "mpo_core_shapes",
+    "SVDTruncation",
+    "linear_weight",
+    "to_tensornetwork",
+    "from_tensornetwork",
+    "to_finite_mpo",
+    "from_finite_mpo",
+    "network_to_einsum",
+    "contract_network",
+]

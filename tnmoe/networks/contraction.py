@@ -1,0 +1,200 @@
+"""Contraction engine: einsum equations for MPO networks, optimized and cached with opt_einsum.
+
+Two ways to apply an MPO matrix ``W`` (shape ``(out, in)``) to tokens ``x`` (shape ``(N, in)``):
+
+* ``"reconstruct"``: contract the cores into ``W``, then one dense matmul ``x @ W.T``;
+* ``"stream"``: contract ``x`` (reshaped to ``(N, i_1, ..., i_m)``) through the cores directly.
+
+:class:`ContractionEngine` prices both with opt_einsum's FLOP estimate for the actual ``N`` and
+picks the cheaper; paths are computed once per shape signature and cached as
+``opt_einsum.contract_expression`` objects (the opt_einsum idiom for repeated contractions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import opt_einsum as oe
+import torch
+
+__all__ = [
+    "ContractionPlan",
+    "ContractionEngine",
+    "reconstruct_equation",
+    "apply_equation",
+    "default_engine",
+]
+
+Shape = tuple[int, ...]
+
+
+def _sym(i: int) -> str:
+    return oe.get_symbol(i)
+
+
+def _mpo_symbols(m: int, batched: Sequence[bool]):
+    # symbol layout: batch 'e' (experts) and 'n' (tokens), then bonds, outs, ins
+    e, n = _sym(0), _sym(1)
+    base = 2
+    bonds = [_sym(base + k) for k in range(m + 1)]
+    outs = [_sym(base + m + 1 + k) for k in range(m)]
+    ins = [_sym(base + 2 * m + 1 + k) for k in range(m)]
+    cores = [
+        (e if batched[k] else "") + bonds[k] + outs[k] + ins[k] + bonds[k + 1] for k in range(m)
+    ]
+    return e, n, outs, ins, cores
+
+
+def reconstruct_equation(m: int, batched: Sequence[bool] | None = None) -> str:
+    """Equation turning m cores ``(r, o_k, i_k, r')`` into ``(o_1..o_m, i_1..i_m)``.
+
+    Cores flagged in ``batched`` carry a leading expert dim ``E``; the output then gets it too.
+    """
+    batched = list(batched) if batched is not None else [False] * m
+    e, _, outs, ins, cores = _mpo_symbols(m, batched)
+    out = (e if any(batched) else "") + "".join(outs) + "".join(ins)
+    return ",".join(cores) + "->" + out
+
+
+def apply_equation(m: int, batched: Sequence[bool] | None = None) -> str:
+    """Equation streaming tokens ``(N, i_1..i_m)`` (``(E, N, i_1..i_m)`` when any core is
+    batched over experts) through the cores to ``(N, o_1..o_m)`` (resp. ``(E, N, o...)``)."""
+    batched = list(batched) if batched is not None else [False] * m
+    e, n, outs, ins, cores = _mpo_symbols(m, batched)
+    lead = e if any(batched) else ""
+    x = lead + n + "".join(ins)
+    return x + "," + ",".join(cores) + "->" + lead + n + "".join(outs)
+
+
+@dataclass(frozen=True)
+class ContractionPlan:
+    """The engine's decision for one call: ``mode`` is ``"stream"`` or ``"reconstruct"``;
+    FLOPs are opt_einsum's estimates (multiply and add counted separately)."""
+
+    mode: str
+    tokens: int
+    stream_flops: float
+    reconstruct_flops: float
+    matmul_flops: float
+
+    def __str__(self) -> str:
+        recon_total = self.reconstruct_flops + self.matmul_flops
+        return (
+            f"ContractionPlan(mode={self.mode!r}, tokens={self.tokens}, "
+            f"stream={self.stream_flops:.3g} FLOPs, reconstruct={self.reconstruct_flops:.3g} "
+            f"+ matmul={self.matmul_flops:.3g} = {recon_total:.3g} FLOPs)"
+        )
+
+
+class ContractionEngine:
+    """Caches optimized contraction paths/expressions keyed by (equation, shapes).
+
+    Args:
+        stream_margin: streaming runs as many small contractions, slower per FLOP than one
+            GEMM; it is chosen only when its FLOP estimate beats reconstruct+matmul by this factor.
+        optimize: opt_einsum path optimizer (``"auto-hq"`` by default: exhaustive/dp search for
+            the small networks MPOs make; paths are cached so the search runs once per shape).
+        cache_size: number of distinct (equation, shapes) entries kept.
+    """
+
+    def __init__(
+        self, *, stream_margin: float = 1.5, optimize: str = "auto-hq", cache_size: int = 4096
+    ) -> None:
+        if stream_margin <= 0:
+            raise ValueError(f"stream_margin must be positive, got {stream_margin}")
+        self.stream_margin = float(stream_margin)
+        self.optimize = optimize
+        self._path = lru_cache(maxsize=cache_size)(self._path_uncached)
+        self._expr = lru_cache(maxsize=cache_size)(self._expr_uncached)
+
+    # -- cached primitives -------------------------------------------------------------------
+    def _path_uncached(self, eq: str, shapes: tuple[Shape, ...]):
+        path, info = oe.contract_path(eq, *shapes, shapes=True, optimize=self.optimize)
+        return path, info
+
+    def _expr_uncached(self, eq: str, shapes: tuple[Shape, ...]):
+        path, _ = self._path(eq, shapes)
+        return oe.contract_expression(eq, *shapes, optimize=path)
+
+    def path_info(self, eq: str, shapes: Sequence[Shape]):
+        """opt_einsum ``PathInfo`` (path, FLOPs, largest intermediate) for ``eq`` on ``shapes``."""
+        return self._path(eq, tuple(tuple(int(d) for d in s) for s in shapes))[1]
+
+    def flops(self, eq: str, shapes: Sequence[Shape]) -> float:
+        return float(self.path_info(eq, shapes).opt_cost)
+
+    def contract(self, eq: str, *operands: torch.Tensor) -> torch.Tensor:
+        """Contract torch ``operands`` along ``eq`` with the cached optimal path (autograd-safe)."""
+        shapes = tuple(tuple(o.shape) for o in operands)
+        return self._expr(eq, shapes)(*operands, backend="torch")
+
+    def cache_info(self):
+        return {"paths": self._path.cache_info(), "expressions": self._expr.cache_info()}
+
+    def clear_cache(self) -> None:
+        self._path.cache_clear()
+        self._expr.cache_clear()
+
+    # -- MPO-specific helpers ----------------------------------------------------------------
+    def plan(
+        self,
+        core_shapes: Sequence[Shape],
+        tokens: int,
+        batched: Sequence[bool] | None = None,
+        weight_cached: bool = False,
+    ) -> ContractionPlan:
+        """Price streaming vs reconstruct+matmul for ``tokens`` tokens (per expert when batched)."""
+        m = len(core_shapes)
+        batched = list(batched) if batched is not None else [False] * m
+        experts = next((s[0] for s, b in zip(core_shapes, batched) if b), None)
+        lead: Shape = (experts,) if experts is not None else ()
+        dims = [s[1:] if b else s for s, b in zip(core_shapes, batched)]
+        outs = [d[1] for d in dims]
+        ins = [d[2] for d in dims]
+        out_f, in_f = _prod(outs), _prod(ins)
+        n = max(int(tokens), 1)
+        x_shape = lead + (n, *ins)
+        stream = self.flops(apply_equation(m, batched), (x_shape, *core_shapes))
+        recon = 0.0 if weight_cached else self.flops(reconstruct_equation(m, batched), core_shapes)
+        mm_eq = "enj,eoj->eno" if lead else "nj,oj->no"
+        matmul = self.flops(mm_eq, (lead + (n, in_f), lead + (out_f, in_f)))
+        mode = "stream" if stream * self.stream_margin < recon + matmul else "reconstruct"
+        return ContractionPlan(mode, n, stream, recon, matmul)
+
+    def reconstruct(self, cores: Sequence[torch.Tensor], batched: Sequence[bool] | None = None):
+        """Contract cores into the dense matrix ``(out, in)`` (``(E, out, in)`` when batched)."""
+        m = len(cores)
+        batched = list(batched) if batched is not None else [False] * m
+        full = self.contract(reconstruct_equation(m, batched), *cores)
+        lead = full.shape[: 1 if any(batched) else 0]
+        half = full.dim() - len(lead)
+        out_f = _prod(full.shape[len(lead) : len(lead) + half // 2])
+        return full.reshape(*lead, out_f, -1)
+
+    def stream(
+        self, x: torch.Tensor, cores: Sequence[torch.Tensor], batched: Sequence[bool] | None = None
+    ) -> torch.Tensor:
+        """Apply cores to tokens ``x`` of shape ``(N, in)`` (``(E, N, in)`` when batched)."""
+        m = len(cores)
+        batched = list(batched) if batched is not None else [False] * m
+        ins = [c.shape[-2] for c in cores]
+        lead = x.shape[:-1]
+        y = self.contract(apply_equation(m, batched), x.reshape(*lead, *ins), *cores)
+        return y.reshape(*lead, -1)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
+
+
+_DEFAULT = ContractionEngine()
+
+
+def default_engine() -> ContractionEngine:
+    """The process-wide engine whose path cache layers share unless given their own."""
+    return _DEFAULT
