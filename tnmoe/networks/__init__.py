@@ -3,6 +3,7 @@
 Knows nothing of experts or routing (see :mod:`tnmoe.moe`).
 """
 
+from .cache import DerivedTensorCache
 from .contraction import (
     ContractionEngine,
     ContractionPlan,
@@ -42,6 +43,7 @@ __all__ = [
     "mpo_core_shapes",
     "SVDTruncation",
     "linear_weight",
+    "DerivedTensorCache",
     "to_tensornetwork",
     "from_tensornetwork",
     "to_finite_mpo",

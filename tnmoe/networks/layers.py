@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .cache import DerivedTensorCache
 from .contraction import ContractionEngine, ContractionPlan, default_engine
 from .factorize import factorize
 from .mpo import MPO
@@ -96,8 +97,7 @@ class MPOLinear(nn.Module):
         self.cache_weight = cache_weight
         self.mode = mode
         self._engine = engine
-        self._cache_key = None
-        self._cached_weight = None
+        self._weight_cache = DerivedTensorCache()
         self.last_plan: ContractionPlan | None = None
 
     # -- constructors --------------------------------------------------------------------------
@@ -175,12 +175,7 @@ class MPOLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def _cached(self) -> torch.Tensor:
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.cores)
-        if self._cache_key != key or self._cached_weight is None:
-            with torch.no_grad():
-                self._cached_weight = self.weight()
-            self._cache_key = key
-        return self._cached_weight
+        return self._weight_cache.get(list(self.cores), self.weight)
 
     def _use_cache(self) -> bool:
         if not self.cache_weight or self.training:
@@ -188,7 +183,7 @@ class MPOLinear(nn.Module):
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.cores))
 
     def clear_cache(self) -> None:
-        self._cache_key, self._cached_weight = None, None
+        self._weight_cache.clear()
 
     def train(self, mode: bool = True):
         self.clear_cache()

@@ -1,0 +1,388 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import T5Config, T5ForConditionalGeneration
+
+import tnmoe.moe as moe
+from tnmoe.moe import (
+    DenseBank,
+    ExpertFFN,
+    GradientMask,
+    MoEConfig,
+    MoELayer,
+    MPOBank,
+    SwitchRouter,
+    TopKRouter,
+    count_parameters,
+)
+from tiny_models import inputs_for, tiny_bert, tiny_gpt2, tiny_t5
+
+T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+               num_decoder_layers=12, num_heads=12, tie_word_embeddings=True)
+PAPER_FACTORS = {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}
+
+
+def meta_t5_base():
+    with torch.device("meta"):
+        return T5ForConditionalGeneration(T5Config(**T5_BASE))
+
+
+# --- parameter counts ---------------------------------------------------------------------------
+@pytest.mark.parametrize("experts,expected", [(8, 293.98), (16, 365.06)])
+def test_t5_base_mpoe_parameter_counts(experts, expected):
+    model = meta_t5_base()
+    assert abs(count_parameters(model).total / 1e6 - 222.90) < 0.01
+    moe.convert(model, MoEConfig(num_experts=experts, factors=PAPER_FACTORS, share="central",
+                                 router="switch", router_bias=True), progress=False)
+    c = count_parameters(model)
+    assert abs(c.total / 1e6 - expected) < 0.01
+    assert c.moe_layers == 24
+    # the shared central tensors are stored once: 2 matrices x 24 layers x 2359296
+    assert c.shared == 2 * 24 * 2359296
+    assert c.per_expert == 2 * 24 * (144 + 36864 + 147456 + 256)
+
+
+def test_meta_dense_switch_counts():
+    model = meta_t5_base()
+    moe.convert(model, MoEConfig(num_experts=8, expert_type="dense"), progress=False)
+    c = count_parameters(model)
+    ffn = 2 * 768 * 3072
+    assert c.total == 222903552 + 24 * (7 * ffn + 768 * 8 + 8)
+    assert c.active_per_token == c.total - 24 * 7 * ffn
+
+
+# --- conversion is exact -------------------------------------------------------------------------
+@pytest.mark.parametrize("factory", [tiny_gpt2, tiny_t5, lambda: tiny_t5(gated=True), tiny_bert],
+                         ids=["gpt2", "t5", "t5-gated", "bert"])
+@pytest.mark.parametrize("router", ["switch", "topk", "hash"])
+def test_lossless_conversion_preserves_logits(factory, router):
+    model = factory().eval()
+    batch = inputs_for(model)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    converted = moe.convert(copy.deepcopy(model), MoEConfig(
+        num_experts=4, m=3, router=router, top_k=2 if router == "topk" else 1), progress=False).eval()
+    with torch.no_grad():
+        out = converted(**batch).logits
+    assert (out - ref).abs().max().item() < 1e-4
+    assert all(isinstance(m, MoELayer) for _, m in moe.moe_layers(converted))
+    assert len(moe.moe_layers(converted)) == (4 if model.config.model_type == "t5" else 2)
+
+
+def test_conversion_router_still_gets_gradients():
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=4, m=3), progress=False).train()
+    out = model(**inputs_for(model), labels=inputs_for(model)["input_ids"])
+    (out.loss + moe.auxiliary_loss(model)).backward()
+    layer = moe.moe_layers(model)[0][1]
+    assert layer.router.gate.weight.grad is not None
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_target_modules_selects_subset_and_regex():
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=2, target_modules=["h.1.mlp"]), progress=False)
+    assert model.tnmoe_modules == ["transformer.h.1.mlp"]
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=2, target_modules=r".*h\.0\.mlp"), progress=False)
+    assert model.tnmoe_modules == ["transformer.h.0.mlp"]
+
+
+# --- sharing -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("share,shared_idx", [("none", []), ("central", [2]), ("all", [0, 1, 2, 3, 4]),
+                                              ([0, 4], [0, 4]), ("auxiliary", [0, 1, 3, 4])])
+def test_share_options(share, shared_idx):
+    E = 3
+    bank = MPOBank(num_experts=E, in_factors=[2, 2, 3, 2, 2], out_factors=[2, 3, 2, 2, 2], share=share)
+    # sites (out*in) = [4, 6, 6, 4, 4] -> lossless bonds [1, 4, 24, 16, 4, 1]
+    assert bank.bond_dims == [1, 4, 24, 16, 4, 1]
+    sizes = [1 * 2 * 2 * 4, 4 * 3 * 2 * 24, 24 * 2 * 3 * 16, 16 * 2 * 2 * 4, 4 * 2 * 2 * 1]
+    expected_total = sum(s if k in shared_idx else E * s for k, s in enumerate(sizes))
+    assert sum(p.numel() for p in bank.parameters()) == expected_total
+    assert bank.num_shared_params() == sum(sizes[k] for k in shared_idx)
+    assert bank.num_params_per_expert() == sum(s for k, s in enumerate(sizes) if k not in shared_idx)
+    for k in range(5):
+        same = bank.core(0, k) is bank.core(1, k) is bank.core(2, k)
+        assert same == (k in shared_idx)
+    assert {id(p) for p in bank.shared_parameters()} == {id(bank.cores[k]) for k in shared_idx}
+
+
+def test_experts_diverge_only_in_own_tensors():
+    bank = MPOBank(num_experts=2, in_factors=[4, 4, 4], out_factors=[4, 4, 4], share="central")
+    with torch.no_grad():
+        bank.cores[0][1].mul_(2.0)  # expert 1's first core
+    W = bank.weights()
+    assert torch.allclose(W[1], 2 * W[0], atol=1e-5)
+
+
+# --- gradient mask -------------------------------------------------------------------------------
+def _train_masked(p_b, steps=10):
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=3, init_noise=0.01), progress=False)
+    model.train()
+    mask = GradientMask(model, p_b=p_b, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    shared0 = [p.detach().clone() for p in mask.params]
+    aux = [p for _, l in moe.moe_layers(model) for b in l.experts.banks().values() for p in b.expert_parameters()]
+    aux0 = [p.detach().clone() for p in aux]
+    batch = inputs_for(model)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(**batch, labels=batch["input_ids"])
+        (out.loss + moe.auxiliary_loss(model)).backward()
+        mask.apply()
+        opt.step()
+    return mask, shared0, aux0, aux
+
+
+def test_gradient_mask_p1_freezes_shared():
+    mask, shared0, aux0, aux = _train_masked(1.0)
+    assert len(mask.params) == 4  # central core of c_fc and c_proj in 2 layers
+    assert all(torch.equal(a, b) for a, b in zip(shared0, mask.params))
+    assert all(not torch.equal(a, b) for a, b in zip(aux0, aux))
+    assert mask.masked_steps == 10
+
+
+def test_gradient_mask_p0_trains_shared():
+    mask, shared0, _, _ = _train_masked(0.0)
+    assert all(not torch.equal(a, b) for a, b in zip(shared0, mask.params))
+    assert mask.masked_steps == 0
+
+
+def test_gradient_mask_fraction_and_reproducible():
+    p = nn.Parameter(torch.ones(3))
+    a, b = GradientMask([p], 0.5, seed=7), GradientMask([p], 0.5, seed=7)
+    draws_a = [a.apply() for _ in range(200)]
+    draws_b = [b.apply() for _ in range(200)]
+    assert draws_a == draws_b
+    updated = 1 - a.masked_steps / a.steps
+    assert 0.4 <= updated <= 0.6
+
+
+def test_gradient_mask_callback_with_trainer(tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=3), progress=False)
+    mask = GradientMask(model, p_b=1.0)
+    shared0 = [p.detach().clone() for p in mask.params]
+
+    class Data(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.arange(2, 12) + i
+            return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, weight_decay=0.1, report_to=[], save_strategy="no",
+                             disable_tqdm=True, use_cpu=True)
+    trainer = moe.MoETrainer(model=model, args=args, train_dataset=Data(),
+                             callbacks=[moe.GradientMaskCallback(mask)])
+    trainer.train()
+    assert mask.steps == 3 and mask.masked_steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(shared0, mask.params))
+
+
+# --- routers, dispatch ---------------------------------------------------------------------------
+def _dense_layer(router, d=8, d_ff=16, E=4):
+    experts = ExpertFFN(up=DenseBank(num_experts=E, in_features=d, out_features=d_ff),
+                        down=DenseBank(num_experts=E, in_features=d_ff, out_features=d))
+    return MoELayer(router=router, experts=experts)
+
+
+def test_switch_capacity_and_dropped_tokens():
+    router = SwitchRouter(d_model=8, num_experts=4, capacity_factor=1.0)
+    with torch.no_grad():
+        router.gate.bias.copy_(torch.tensor([5.0, 0, 0, 0]))  # most tokens want expert 0
+    layer = _dense_layer(router).train()
+    x = torch.randn(32, 8)
+    y = layer(x)
+    stats = layer.last_stats
+    cap = router.capacity(32)
+    assert cap == 8
+    assert stats.kept_per_expert.max().item() <= cap
+    assert stats.dropped == int((stats.tokens_per_expert - cap).clamp_min(0).sum())
+    assert stats.dropped > 0
+    # dropped tokens get an exactly-zero MoE output (so they pass through the residual only)
+    zero_rows = (y.abs().sum(-1) == 0).sum().item()
+    assert zero_rows == stats.dropped
+    layer.eval()  # no dropping at inference by default
+    layer(x)
+    assert layer.last_stats.dropped == 0
+
+
+def test_load_balancing_loss_uniform_is_one():
+    T, E = 64, 4
+    probs = torch.full((T, E), 1.0 / E)
+    idx = (torch.arange(T) % E).unsqueeze(-1)
+    assert torch.isclose(moe.load_balancing_loss(probs, idx), torch.tensor(1.0))
+    collapsed = torch.zeros(T, 1, dtype=torch.long)
+    onehot = torch.nn.functional.one_hot(collapsed.squeeze(-1), E).float()
+    assert torch.isclose(moe.load_balancing_loss(onehot, collapsed), torch.tensor(float(E)))
+
+
+def _final_imbalance(lb_coef):
+    torch.manual_seed(0)
+    router = SwitchRouter(d_model=16, num_experts=4, drop_tokens=False)
+    with torch.no_grad():
+        router.gate.bias.copy_(torch.tensor([2.0, 0, 0, 0]))
+    layer = _dense_layer(router, d=16, d_ff=32)
+    layer.load_balancing_coef = lb_coef
+    target = nn.Linear(16, 16)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x = torch.randn(256, 16, generator=g)
+        loss = (layer(x) - target(x).detach()).pow(2).mean() + layer.last_aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer(torch.randn(1024, 16, generator=g))
+    return layer.last_stats.imbalance
+
+
+def test_load_balancing_loss_reduces_imbalance():
+    without, with_lb = _final_imbalance(0.0), _final_imbalance(1.0)
+    assert with_lb < without
+    assert with_lb < 1.5
+
+
+def test_topk_router_and_noisy_gating():
+    router = TopKRouter(d_model=8, num_experts=4, top_k=2, noisy_gating=True)
+    layer = _dense_layer(router).train()
+    y = layer(torch.randn(10, 8))
+    assert y.shape == (10, 8)
+    assert layer.last_stats.tokens_per_expert.sum().item() == 20
+    out = router(torch.randn(10, 8))
+    assert torch.allclose(out.combine_weights.sum(-1), torch.ones(10))
+
+
+def test_hash_router_is_fixed_per_token():
+    router = moe.HashRouter(num_experts=4, vocab_size=50)
+    ids = torch.tensor([3, 7, 3, 9, 7])
+    out = router(torch.randn(5, 8), token_ids=ids)
+    assert out.expert_index[0] == out.expert_index[2] and out.expert_index[1] == out.expert_index[4]
+    with pytest.raises(ValueError, match="token ids"):
+        router(torch.randn(5, 8))
+
+
+def test_dispatch_is_deterministic_bitwise():
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=4, m=3, router="topk", top_k=2,
+                                               init_noise=0.1), progress=False).eval()
+    batch = inputs_for(model, batch=4, seq=16)
+    with torch.no_grad():
+        a = model(**batch).logits
+        b = model(**batch).logits
+    assert torch.equal(a, b)
+
+
+def test_mpo_experts_stream_and_reconstruct_agree():
+    up = MPOBank(num_experts=3, in_factors=[4, 4], out_factors=[4, 8], max_bond=2)
+    down = MPOBank(num_experts=3, in_factors=[4, 8], out_factors=[4, 4], max_bond=2)
+    experts = ExpertFFN(up=up, down=down)
+    x, counts = torch.randn(6, 16), [1, 0, 5]
+    assert experts._use_stream(3)  # tiny bonds, few tokens: streaming is cheaper
+    y_stream = experts(x, counts)
+    experts._use_stream = lambda n: False
+    y_recon = experts(x, counts)
+    assert torch.allclose(y_stream, y_recon, atol=1e-5)
+
+
+def test_eval_weight_cache_invalidated():
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=3), progress=False).eval()
+    batch = inputs_for(model)
+    with torch.no_grad():
+        a = model(**batch).logits
+        bank = moe.moe_layers(model)[0][1].experts.up
+        bank.cores[1].mul_(0.5)  # the shared central core
+        b = model(**batch).logits
+    assert not torch.allclose(a, b)
+
+
+# --- persistence ---------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    model = moe.convert(tiny_t5(), MoEConfig(num_experts=3, m=3, init_noise=0.05), progress=False).eval()
+    batch = inputs_for(model)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    moe.save_pretrained(model, tmp_path / "ckpt")
+    loaded = moe.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, ref)
+    # into a fresh base model of the same architecture
+    base = tiny_t5()
+    loaded2 = moe.from_pretrained(tmp_path / "ckpt", base).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded2(**batch).logits, ref)
+    # shared tensors stored once
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    central = [k for k in keys if k.endswith("experts.up.cores.1")]
+    assert len(central) == 4 and all(f"cores.1" in k for k in central)
+
+
+def test_load_into_wrong_config_fails(tmp_path):
+    model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=3, m=3), progress=False)
+    moe.save_pretrained(model, tmp_path)
+    other = moe.convert(tiny_gpt2(), MoEConfig(num_experts=4, m=3), progress=False)
+    with pytest.raises(ValueError, match="num_experts: checkpoint=3 model=4"):
+        moe.load_weights(other, tmp_path)
+    wider = tiny_gpt2(n_inner=256)
+    with pytest.raises(ValueError, match="does not fit"):
+        moe.from_pretrained(tmp_path, wider)
+
+
+# --- errors --------------------------------------------------------------------------------------
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="matched no module"):
+        moe.convert(tiny_gpt2(), MoEConfig(target_modules=["nope"]), progress=False)
+    with pytest.raises(ValueError, match="has no FFN adapter"):
+        moe.convert(tiny_gpt2(), MoEConfig(target_modules=["attn"]), progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=3, share=[0, 5]), progress=False)
+    with pytest.raises(ValueError, match="top_k"):
+        MoEConfig(num_experts=2, top_k=3, router="topk")
+    with pytest.raises(ValueError, match="top_k"):
+        TopKRouter(d_model=4, num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="p_b"):
+        GradientMask([nn.Parameter(torch.ones(1))], 1.5)
+    with pytest.raises(ValueError, match="p_b"):
+        GradientMask([nn.Parameter(torch.ones(1))], -0.1)
+    with pytest.raises(ValueError, match="num_experts"):
+        MoEConfig(num_experts=0)
+    with pytest.raises(ValueError, match="num_experts"):
+        MPOBank(num_experts=0, in_factors=[2, 2], out_factors=[2, 2])
+    with pytest.raises(ValueError, match="multiply to"):
+        MoEConfig(factors={768: [4, 4, 4]})
+    with pytest.raises(ValueError, match="already converted"):
+        m = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=2), progress=False)
+        moe.convert(m, MoEConfig(num_experts=2, m=2), progress=False)
+    layer = _dense_layer(SwitchRouter(d_model=8, num_experts=4))
+    with pytest.raises(ValueError, match="hidden size 8"):
+        layer(torch.randn(3, 9))
+
+
+def test_register_custom_adapter():
+    class MyFFN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    class MyAdapter(moe.FFNAdapter):
+        def extract(self, module):
+            return moe.FFNSpec(up=module.a.weight, down=module.b.weight, activation=torch.relu,
+                               up_bias=module.a.bias, down_bias=module.b.bias)
+
+    moe.register_adapter(MyFFN, MyAdapter())
+    net = nn.Sequential(MyFFN(), nn.Identity())
+    x = torch.randn(5, 8)
+    ref = net(x)
+    moe.convert(net, MoEConfig(num_experts=2, m=2), progress=False).eval()
+    assert isinstance(net[0], MoELayer)
+    assert torch.allclose(net(x), ref, atol=1e-5)
+    moe.print_trainable_parameters(net)

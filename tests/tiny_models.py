@@ -1,0 +1,39 @@
+"""Tiny transformers models built from configs (no hub access)."""
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+VOCAB = 100
+
+
+def tiny_gpt2(**kw):
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64,
+                     bos_token_id=0, eos_token_id=1, **kw)
+    return GPT2LMHeadModel(cfg)
+
+
+def tiny_t5(gated: bool = False, **kw):
+    cfg = T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=VOCAB,
+                   feed_forward_proj="gated-gelu" if gated else "relu", decoder_start_token_id=0, **kw)
+    return T5ForConditionalGeneration(cfg)
+
+
+def tiny_bert(num_labels: int = 2, **kw):
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     vocab_size=VOCAB, num_labels=num_labels, **kw)
+    return BertForSequenceClassification(cfg)
+
+
+def inputs_for(model, batch=2, seq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    if model.config.model_type == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(2, VOCAB, (batch, 5), generator=g)}
+    return {"input_ids": ids}

@@ -1,0 +1,44 @@
+"""Mixture-of-experts with factorized experts that share any subset of their tensors.
+
+Pieces: routers (:mod:`.routers`), expert banks and FFN experts (:mod:`.experts`), dispatch
+(:mod:`.dispatch`), the layer (:mod:`.layer`), auxiliary losses (:mod:`.losses`), the gradient
+mask (:mod:`.gradient_mask`), conversion of pretrained models (:mod:`.convert`,
+:mod:`.adapters`) and persistence (:mod:`.persistence`). transformers integration
+(``GradientMaskCallback``, ``MoETrainer``) is imported lazily.
+"""
+
+from .adapters import FFNAdapter, FFNSpec, register_adapter, registered_adapters
+from .config import MoEConfig
+from .convert import (
+    ParameterCount,
+    build_moe_layer,
+    convert,
+    count_parameters,
+    find_target_modules,
+    print_trainable_parameters,
+)
+from .dispatch import DispatchPlan, combine, plan_dispatch
+from .experts import DenseBank, ExpertFFN, MPOBank, resolve_share
+from .gradient_mask import GradientMask, shared_parameters
+from .layer import MoELayer, RoutingStats
+from .losses import auxiliary_loss, load_balancing_loss, moe_layers, router_z_loss
+from .persistence import from_pretrained, load_weights, save_pretrained
+from .routers import HashRouter, Router, RouterOutput, SwitchRouter, TopKRouter
+
+__all__ = [
+    "MoEConfig", "convert", "build_moe_layer", "find_target_modules", "count_parameters",
+    "print_trainable_parameters", "ParameterCount", "MoELayer", "RoutingStats", "ExpertFFN",
+    "MPOBank", "DenseBank", "resolve_share", "Router", "RouterOutput", "TopKRouter",
+    "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",
+    "shared_parameters", "auxiliary_loss", "load_balancing_loss", "router_z_loss", "moe_layers",
+    "save_pretrained", "from_pretrained", "load_weights", "FFNAdapter", "FFNSpec",
+    "register_adapter", "registered_adapters", "GradientMaskCallback", "MoETrainer",
+]
+
+
+def __getattr__(name):
+    if name in ("GradientMaskCallback", "MoETrainer"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'tnmoe.moe' has no attribute {name!r}")

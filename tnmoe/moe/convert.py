@@ -1,0 +1,247 @@
+"""Upcycling: replace a pretrained model's FFNs by MoE layers initialized from them."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..networks import MPO, factorize
+from .adapters import FFNSpec, get_adapter, registered_adapters
+from .config import MoEConfig
+from .experts import DenseBank, ExpertFFN, MPOBank
+from .layer import MoELayer
+from .losses import moe_layers
+from .routers import HashRouter, SwitchRouter, TopKRouter
+
+__all__ = ["build_moe_layer", "convert", "find_target_modules", "ParameterCount",
+           "count_parameters", "print_trainable_parameters"]
+
+
+def _make_router(config: MoEConfig, d_model: int, seed: int, generator=None) -> nn.Module:
+    if config.router == "switch":
+        return SwitchRouter(d_model=d_model, num_experts=config.num_experts,
+                            capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,
+                            eval_capacity_factor=config.eval_capacity_factor, jitter_noise=config.jitter_noise, bias=config.router_bias,
+                            gate_scaling=config.gate_scaling)
+    if config.router == "topk":
+        return TopKRouter(d_model=d_model, num_experts=config.num_experts, top_k=config.top_k,
+                          noisy_gating=config.noisy_gating, bias=config.router_bias,
+                          capacity_factor=config.capacity_factor if config.drop_tokens else None,
+                          eval_capacity_factor=config.eval_capacity_factor, gate_scaling=config.gate_scaling)
+    return HashRouter(num_experts=config.num_experts, vocab_size=config.vocab_size, seed=seed)
+
+
+def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained",
+                    generator: torch.Generator | None = None, seed: int | None = None) -> MoELayer:
+    """An :class:`MoELayer` shaped after ``spec``; with ``init="pretrained"`` every expert starts
+    as the MPO decomposition (or copy) of the pretrained matrices, ``"empty"`` leaves the
+    weights uninitialized (to be loaded from a checkpoint). Meta tensors give a meta layer."""
+    if init not in ("pretrained", "empty"):
+        raise ValueError(f"init must be 'pretrained' or 'empty', got {init!r}")
+    E = config.num_experts
+    d_model, d_ff = spec.d_model, spec.d_ff
+    dtype, device = spec.up.dtype, spec.up.device
+    meta = spec.up.is_meta
+    load = init == "pretrained" and not meta
+
+    def bank(W: torch.Tensor):
+        out_dim, in_dim = W.shape
+        if config.expert_type == "dense":
+            b = DenseBank(num_experts=E, in_features=in_dim, out_features=out_dim, dtype=dtype, device=device)
+            if load:
+                b.load_matrix(W.detach(), config.init_noise, generator)
+            return b
+        in_f = factorize(in_dim, config.factors_for(in_dim))
+        out_f = factorize(out_dim, config.factors_for(out_dim))
+        if len(in_f) != len(out_f):
+            raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
+        b = MPOBank(num_experts=E, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
+                    share=config.share, init="empty", dtype=dtype, device=device)
+        if load:
+            w = W.detach()
+            w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+            b.load_mpo(MPO.from_matrix(w, in_f, out_f, max_bond=config.max_bond), config.init_noise, generator)
+        return b
+
+    experts = ExpertFFN(
+        up=bank(spec.up), down=bank(spec.down),
+        gate=bank(spec.gate) if spec.gate is not None else None,
+        activation=spec.activation, up_bias=spec.up_bias is not None,
+        down_bias=spec.down_bias is not None, dropout=spec.inner_dropout,
+    )
+    if load:
+        with torch.no_grad():
+            if spec.up_bias is not None:
+                experts.up_bias.copy_(spec.up_bias.expand_as(experts.up_bias))
+            if spec.down_bias is not None:
+                experts.down_bias.copy_(spec.down_bias.expand_as(experts.down_bias))
+    router = _make_router(config, d_model, config.seed if seed is None else seed)
+    if isinstance(router, TopKRouter) and load:
+        router.reset_parameters(generator)  # seeded: conversions are reproducible
+    router.to(device=device)
+    return MoELayer(router=router, experts=experts, load_balancing_coef=config.load_balancing_coef,
+                    z_loss_coef=config.z_loss_coef, output_dropout=spec.output_dropout)
+
+
+def _matches(name: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str, nn.Module]]:
+    """FFN modules to convert: ``(name, module)``, outermost matches only.
+
+    Raises ``ValueError`` when ``target_modules`` matches nothing, or matches a module for
+    which no adapter is registered.
+    """
+    out, taken = [], []
+    candidates = [n for n, m in model.named_modules() if get_adapter(m) is not None]
+    for name, module in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        adapter = get_adapter(module)
+        if target_modules is None:
+            if adapter is not None:
+                out.append((name, module))
+                taken.append(name)
+            continue
+        if name and _matches(name, target_modules):
+            if adapter is None:
+                raise ValueError(
+                    f"module {name!r} ({type(module).__name__}) matches target_modules but has no FFN "
+                    f"adapter; adapters exist for {registered_adapters()} — target one of those "
+                    f"(e.g. {candidates[:3]}) or add one with tnmoe.moe.register_adapter"
+                )
+            out.append((name, module))
+            taken.append(name)
+    if not out:
+        if target_modules is None:
+            raise ValueError(
+                f"no FFN with a registered adapter found in {type(model).__name__}; adapters exist for "
+                f"{registered_adapters()}; add one with tnmoe.moe.register_adapter"
+            )
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module of {type(model).__name__}; "
+            f"convertible FFN modules are e.g. {candidates[:4]} (of {len(candidates)})"
+        )
+    return out
+
+
+def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
+            progress: bool = True) -> nn.Module:
+    """Replace the model's FFNs (``config.target_modules``) by MoE layers, in place.
+
+    Each expert starts from the pretrained FFN (MPO-decomposed for ``expert_type="mpo"``);
+    with lossless bonds, ``gate_scaling="preserve"`` and no init noise, the converted model
+    computes the same outputs as before. Records ``model.tnmoe_config`` and
+    ``model.tnmoe_modules``. Returns the model.
+    """
+    config.validate()
+    if getattr(model, "tnmoe_config", None) is not None:
+        raise ValueError("this model is already converted (model.tnmoe_config is set)")
+    targets = find_target_modules(model, config.target_modules)
+    gen = torch.Generator().manual_seed(config.seed)
+    names = []
+    for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
+        adapter = get_adapter(module)
+        spec = adapter.extract(module)
+        layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter.install(parent, child, module, layer)
+        names.append(name)
+    model.tnmoe_config = config
+    model.tnmoe_modules = names
+    if config.router == "hash":
+        _wire_token_ids(model)
+    return model
+
+
+def _accepts_input_ids(module: nn.Module) -> bool:
+    try:
+        return "input_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _wire_token_ids(model: nn.Module) -> None:
+    """For hash routing: the deepest ancestor of each MoE layer whose forward takes ``input_ids``
+    passes them to the layers below it through a forward pre-hook."""
+    modules = dict(model.named_modules())
+    owners: dict[str, list[MoELayer]] = {}
+    for name, layer in moe_layers(model):
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            anc = ".".join(parts[:cut])
+            if _accepts_input_ids(modules[anc]):
+                owners.setdefault(anc, []).append(layer)
+                break
+        else:
+            raise ValueError(f"hash routing: no ancestor of {name!r} takes input_ids")
+    for anc, layers in owners.items():
+        module = modules[anc]
+        sig = inspect.signature(module.forward)
+
+        def hook(mod, args, kwargs, layers=layers, sig=sig):
+            ids = sig.bind_partial(*args, **kwargs).arguments.get("input_ids")
+            for layer in layers:
+                layer.token_ids = ids
+            return None
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@dataclass
+class ParameterCount:
+    """Parameter accounting (counts of scalars; each shared tensor counted once).
+
+    total: all parameters. trainable: those with ``requires_grad``. shared: tensors shared by
+    all experts of a layer (summed over layers). per_expert: one expert's own tensors (summed
+    over layers). router: router parameters. active_per_token: parameters a token touches
+    (everything but the ``E - k`` experts it is not routed to).
+    """
+
+    total: int
+    trainable: int
+    shared: int
+    per_expert: int
+    router: int
+    active_per_token: int
+    moe_layers: int
+
+    def as_millions(self) -> dict[str, float]:
+        return {k: round(v / 1e6, 2) for k, v in self.__dict__.items() if k != "moe_layers"}
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    params = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    shared = per_expert = router = inactive = 0
+    layers = moe_layers(model)
+    for _, layer in layers:
+        ex = layer.experts
+        own = sum(b.num_params_per_expert() for b in ex.banks().values())
+        own += sum(b.shape[1] for b in (ex.up_bias, ex.down_bias) if b is not None)
+        shared += sum(b.num_shared_params() for b in ex.banks().values())
+        per_expert += own
+        router += sum(p.numel() for p in layer.router.parameters())
+        inactive += (layer.num_experts - layer.router.top_k) * own
+    return ParameterCount(total, trainable, shared, per_expert, router, total - inactive, len(layers))
+
+
+def print_trainable_parameters(model: nn.Module) -> ParameterCount:
+    """peft-style summary line, plus the MoE breakdown when the model has MoE layers."""
+    c = count_parameters(model)
+    print(f"trainable params: {c.trainable:,} || all params: {c.total:,} || "
+          f"trainable%: {100 * c.trainable / max(c.total, 1):.4f}")
+    if c.moe_layers:
+        print(f"moe layers: {c.moe_layers} || shared (once): {c.shared:,} || per expert: {c.per_expert:,} "
+              f"|| routers: {c.router:,} || active per token: {c.active_per_token:,}")
+    return c

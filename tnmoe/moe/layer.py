@@ -1,0 +1,89 @@
+"""``MoELayer``: router + dispatch + experts as separate, swappable pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dispatch import combine, plan_dispatch
+from .experts import ExpertFFN
+from .losses import load_balancing_loss, router_z_loss
+from .routers import Router
+
+__all__ = ["MoELayer", "RoutingStats"]
+
+
+@dataclass
+class RoutingStats:
+    """Expert load after a forward: ``tokens_per_expert`` ``(E,)`` assignments routed to each
+    expert (before capacity), ``kept_per_expert`` ``(E,)`` after it, and ``dropped`` the number
+    of assignments dropped by capacity."""
+
+    tokens_per_expert: torch.Tensor
+    kept_per_expert: torch.Tensor
+    dropped: int
+    num_tokens: int
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean tokens per expert (1.0 is perfectly balanced)."""
+        t = self.tokens_per_expert.float()
+        return float(t.max() / t.mean().clamp_min(1e-9))
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-experts FFN. Input ``(..., d_model)`` -> output ``(..., d_model)``.
+
+    After each forward, ``last_aux_loss`` holds ``load_balancing_coef * LB + z_loss_coef * Z``
+    (collect with :func:`tnmoe.moe.auxiliary_loss`) and ``last_stats`` the :class:`RoutingStats`.
+
+    Args (keyword-only):
+        router: a :class:`~tnmoe.moe.routers.Router`.
+        experts: an :class:`~tnmoe.moe.experts.ExpertFFN`.
+        load_balancing_coef / z_loss_coef: weights of the auxiliary losses.
+        output_dropout: dropout on the layer output (GPT-2's residual dropout lives here).
+    """
+
+    def __init__(self, *, router: Router, experts: ExpertFFN, load_balancing_coef: float = 0.01,
+                 z_loss_coef: float = 0.0, output_dropout: float = 0.0) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has {router.num_experts} experts but the expert bank has {experts.num_experts}"
+            )
+        self.router, self.experts = router, experts
+        self.load_balancing_coef, self.z_loss_coef = load_balancing_coef, z_loss_coef
+        self.output_dropout = nn.Dropout(output_dropout)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_stats: RoutingStats | None = None
+        self.token_ids: torch.Tensor | None = None  # set per batch for hash routing
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def forward(self, hidden_states: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        shape = hidden_states.shape
+        d = self.experts.d_model
+        if shape[-1] != d:
+            raise ValueError(f"MoELayer expected hidden size {d}, got shape {tuple(shape)}")
+        x = hidden_states.reshape(-1, d)
+        if token_ids is None:
+            token_ids = self.token_ids
+        route = self.router(x, token_ids=token_ids)
+        plan = plan_dispatch(route.expert_index, self.num_experts, self.router.capacity(x.shape[0]))
+        y = self.experts(x.index_select(0, plan.token_index), plan.counts.tolist())
+        out = combine(y, plan, route.combine_weights)
+
+        aux = x.new_zeros((), dtype=torch.float32)
+        if route.router_logits is not None:
+            if self.load_balancing_coef:
+                aux = aux + self.load_balancing_coef * load_balancing_loss(route.router_probs, route.expert_index)
+            if self.z_loss_coef:
+                aux = aux + self.z_loss_coef * router_z_loss(route.router_logits)
+        self.last_aux_loss = aux
+        self.last_stats = RoutingStats(plan.routed_counts.detach(), plan.counts.detach(),
+                                       int(plan.dropped.sum()), x.shape[0])
+        return self.output_dropout(out.to(hidden_states.dtype)).reshape(shape)
