@@ -32,12 +32,12 @@ __all__ = [
     "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",
     "shared_parameters", "auxiliary_loss", "load_balancing_loss", "router_z_loss", "moe_layers",
     "save_pretrained", "from_pretrained", "load_weights", "FFNAdapter", "FFNSpec",
-    "register_adapter", "registered_adapters", "GradientMaskCallback", "MoETrainer",
+    "register_adapter", "registered_adapters", "GradientMaskCallback", "MoETrainer", "MoETrainerMixin",
 ]
 
 
 def __getattr__(name):
-    if name in ("GradientMaskCallback", "MoETrainer"):
+    if name in ("GradientMaskCallback", "MoETrainer", "MoETrainerMixin"):
         from . import hf
 
         return getattr(hf, name)

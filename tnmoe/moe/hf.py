@@ -8,7 +8,7 @@ from transformers import Trainer, TrainerCallback
 from .gradient_mask import GradientMask
 from .losses import auxiliary_loss
 
-__all__ = ["GradientMaskCallback", "MoETrainer"]
+__all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin"]
 
 
 class GradientMaskCallback(TrainerCallback):
@@ -22,8 +22,8 @@ class GradientMaskCallback(TrainerCallback):
         return control
 
 
-class MoETrainer(Trainer):
-    """``Trainer`` whose training loss is ``task loss + tnmoe.moe.auxiliary_loss(model)``."""
+class MoETrainerMixin:
+    """Mix into any ``Trainer`` subclass (e.g. ``Seq2SeqTrainer``) to add the auxiliary loss."""
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         out = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
@@ -31,3 +31,7 @@ class MoETrainer(Trainer):
         if model.training:
             loss = loss + auxiliary_loss(model).to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+
+class MoETrainer(MoETrainerMixin, Trainer):
+    """``Trainer`` whose training loss is ``task loss + tnmoe.moe.auxiliary_loss(model)``."""

@@ -1,0 +1,247 @@
+"""GLUE fine-tuning with dense / +MoE / +Switch / +MPOE / +MPOE++ variants (MPOE Tables 1-3).
+
+Works with encoder-decoder models in text-to-text form (T5: ``recipes/mpoe_t5.py``) and with
+encoder classifiers (BERT family, e.g. the real MiniLM: ``recipes/mpoe_bert.py``). Training uses
+the HF Trainer (progress bars, mixed precision, multi-GPU via accelerate) with the MoE auxiliary
+loss and the gradient mask wired in. Model selection: after each epoch the validation half is
+scored and the best weights are kept; the test half is scored once at the end.
+
+Writes ``<output-dir>/results.json`` (and the model with ``--save-model``); nothing is written
+when the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RecipeError,
+    Timer,
+    add_moe_args,
+    atomic_output_dir,
+    get_task,
+    glue_metrics,
+    load_glue,
+    parameter_summary,
+    prepare_model,
+    run_main,
+    set_seed,
+)
+
+import tnmoe.moe as moe  # noqa: E402
+
+
+def build_parser(default_model: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=default_model, help="hub name or local path")
+    ap.add_argument("--task", default="rte", help="GLUE task, or comma-separated tasks for multi-task (text-to-text only)")
+    ap.add_argument("--data-dir", default=None, help="local GLUE folder (<dir>/RTE/train.tsv ...); default: the hub")
+    ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--split-protocol", default="paper", choices=["paper", "dev"],
+                    help="paper: halve the dev set into validation (selection) and test")
+    ap.add_argument("--max-train-samples", type=int, default=None)
+    ap.add_argument("--max-eval-samples", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--epochs", type=float, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (T5) / 5e-5 (encoders)")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup-ratio", type=float, default=0.06)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--save-model", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_moe_args(ap)
+    return ap
+
+
+# --- data ---------------------------------------------------------------------------------------
+def t5_source(task, ex) -> str:
+    return f"{task.name} " + " ".join(f"{k}: {ex[k]}" for k in task.text_keys)
+
+
+def t5_target(task, label) -> str:
+    if task.num_labels == 1:
+        return f"{round(float(label) * 5) / 5:.1f}"
+    return task.label_words[int(label)]
+
+
+def parse_t5_output(task, text: str):
+    text = text.strip()
+    if task.num_labels == 1:
+        try:
+            return float(text.split()[0])
+        except (ValueError, IndexError):
+            return float("nan")
+    return task.label_words.index(text) if text in task.label_words else -1
+
+
+class Encoded(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def encode(tok, tasks_and_rows, seq2seq: bool, max_length: int):
+    items = []
+    for task, rows in tasks_and_rows:
+        for ex in rows:
+            if seq2seq:
+                enc = tok(t5_source(task, ex), truncation=True, max_length=max_length)
+                enc["labels"] = tok(t5_target(task, ex["label"]), truncation=True, max_length=8)["input_ids"]
+            else:
+                enc = tok(*[ex[k] for k in task.text_keys], truncation=True, max_length=max_length)
+                enc["labels"] = float(ex["label"]) if task.num_labels == 1 else int(ex["label"])
+            items.append(dict(enc))
+    return Encoded(items)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, tok, task, rows, *, seq2seq, max_length, batch_size, device, desc, quiet):
+    model.eval()
+    preds, labels = [], []
+    rows = list(rows)
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=quiet):
+        chunk = rows[i:i + batch_size]
+        labels += [r["label"] for r in chunk]
+        if seq2seq:
+            enc = tok([t5_source(task, r) for r in chunk], truncation=True, max_length=max_length,
+                      padding=True, return_tensors="pt").to(device)
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+            preds += [parse_t5_output(task, t) for t in tok.batch_decode(out, skip_special_tokens=True)]
+        else:
+            enc = tok(*[[r[k] for r in chunk] for k in task.text_keys], truncation=True,
+                      max_length=max_length, padding=True, return_tensors="pt").to(device)
+            logits = model(**enc).logits.float()
+            preds += (logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)).cpu().tolist()
+    return glue_metrics(task, preds, labels)
+
+
+def main(argv=None, default_model: str = "t5-base") -> dict:
+    args = build_parser(default_model).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [get_task(t) for t in args.task.split(",")]
+    set_seed(args.seed)
+    splits = {t.name: load_glue(t, args.data_dir, max_train=args.max_train_samples,
+                                max_eval=args.max_eval_samples, split_protocol=args.split_protocol,
+                                seed=args.seed) for t in tasks}
+
+    from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithPadding,
+                              TrainerCallback, TrainingArguments)
+
+    try:
+        base_cfg = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"cannot load model {args.model!r}: {err}") from None
+    seq2seq = bool(getattr(base_cfg, "is_encoder_decoder", False))
+    if not seq2seq and len(tasks) > 1:
+        raise RecipeError("multi-task training needs a text-to-text (encoder-decoder) model such as T5")
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if seq2seq:
+        model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
+    else:
+        t = tasks[0]
+        model = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=t.num_labels,
+            problem_type="regression" if t.num_labels == 1 else "single_label_classification")
+    model, mask, cfg = prepare_model(model, args, vocab_size=len(tok))
+    if not args.quiet:
+        moe.print_trainable_parameters(model)
+
+    train_ds = encode(tok, [(t, splits[t.name][0]) for t in tasks], seq2seq, args.max_length)
+    collator = (DataCollatorForSeq2Seq(tok, model=model) if seq2seq else DataCollatorWithPadding(tok))
+    lr = args.lr if args.lr is not None else (3e-4 if seq2seq else 5e-5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def score_all(split_index: int, desc: str) -> dict:
+        per_task = {t.name: evaluate(model, tok, t, splits[t.name][split_index], seq2seq=seq2seq,
+                                     max_length=args.max_length, batch_size=max(args.batch_size, 32),
+                                     device=model.device, desc=desc, quiet=args.quiet) for t in tasks}
+        return {"tasks": per_task, "score": float(np.mean([m["score"] for m in per_task.values()]))}
+
+    history: list[dict] = []
+    best = {"score": -float("inf"), "state": None, "epoch": None}
+
+    class SelectBest(TrainerCallback):
+        def on_epoch_end(self, targs, state, control, **kw):
+            res = score_all(1, "validation")
+            res["epoch"] = round(state.epoch or 0, 3)
+            history.append(res)
+            if res["score"] > best["score"]:
+                best.update(score=res["score"], epoch=res["epoch"],
+                            state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            model.train()
+
+    with atomic_output_dir(args.output_dir) as out:
+        targs = TrainingArguments(
+            output_dir=str(out / "trainer"), num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size, learning_rate=lr,
+            weight_decay=args.weight_decay, lr_scheduler_type="linear",
+            warmup_steps=int(args.warmup_ratio * args.epochs * -(-len(train_ds) // args.batch_size)),
+            logging_steps=max(1, len(train_ds) // args.batch_size // 4), save_strategy="no",
+            eval_strategy="no", report_to=[], seed=args.seed, bf16=args.bf16, fp16=args.fp16,
+            disable_tqdm=args.quiet, dataloader_num_workers=0, use_cpu=device == "cpu",
+        )
+        callbacks = [SelectBest()] + ([moe.GradientMaskCallback(mask)] if mask is not None else [])
+        trainer_cls = moe.MoETrainer
+        trainer = trainer_cls(model=model, args=targs, train_dataset=train_ds, data_collator=collator,
+                              callbacks=callbacks)
+        with Timer() as timer:
+            trainer.train()
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
+        with Timer() as test_timer:
+            test = score_all(2, "test")
+        result = {
+            "model": args.model, "tasks": [t.name for t in tasks], "variant": args.variant,
+            "seed": args.seed, "epochs": args.epochs, "lr": lr, "batch_size": args.batch_size,
+            "train_samples": len(train_ds), "split_protocol": args.split_protocol,
+            "validation_sizes": {t.name: len(splits[t.name][1]) for t in tasks},
+            "test_sizes": {t.name: len(splits[t.name][2]) for t in tasks},
+            "best_epoch": best["epoch"], "best_validation": best["score"], "history": history,
+            "test": test, "train_seconds": timer.seconds, "test_seconds": test_timer.seconds,
+            "gradient_mask": None if mask is None else {"p_b": mask.p_b, "steps": mask.steps,
+                                                         "masked_steps": mask.masked_steps},
+            "moe_config": cfg.to_dict() if cfg is not None else None,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            **parameter_summary(model),
+        }
+        import shutil
+
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        if args.save_model:
+            if cfg is not None:
+                moe.save_pretrained(model, out / "model")
+            else:
+                model.save_pretrained(out / "model")
+            tok.save_pretrained(out / "model")
+    if not args.quiet:
+        print(json.dumps({"variant": args.variant, "tasks": result["tasks"], "test": test,
+                          "best_validation": best["score"], "train_seconds": round(timer.seconds, 1),
+                          "total_params": result["total_params"]}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
