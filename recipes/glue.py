@@ -104,7 +104,8 @@ def encode(tok, tasks_and_rows, seq2seq: bool, max_length: int):
     for task, rows in tasks_and_rows:
         for ex in rows:
             if seq2seq:
-                enc = tok(t5_source(task, ex), truncation=True, max_length=max_length)
+                enc = tok(t5_source(task, ex), truncation=True, max_length=max_length,
+                          return_token_type_ids=False)
                 enc["labels"] = tok(t5_target(task, ex["label"]), truncation=True, max_length=8)["input_ids"]
             else:
                 enc = tok(*[ex[k] for k in task.text_keys], truncation=True, max_length=max_length)
@@ -124,7 +125,7 @@ def evaluate(model, tok, task, rows, *, seq2seq, max_length, batch_size, device,
         labels += [r["label"] for r in chunk]
         if seq2seq:
             enc = tok([t5_source(task, r) for r in chunk], truncation=True, max_length=max_length,
-                      padding=True, return_tensors="pt").to(device)
+                      padding=True, return_tensors="pt", return_token_type_ids=False).to(device)
             out = model.generate(**enc, max_new_tokens=6, do_sample=False)
             preds += [parse_t5_output(task, t) for t in tok.batch_decode(out, skip_special_tokens=True)]
         else:
@@ -162,7 +163,7 @@ def main(argv=None, default_model: str = "t5-base") -> dict:
     else:
         t = tasks[0]
         model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=t.num_labels,
+            args.model, num_labels=t.num_labels, ignore_mismatched_sizes=True,
             problem_type="regression" if t.num_labels == 1 else "single_label_classification")
     model, mask, cfg = prepare_model(model, args, vocab_size=len(tok))
     if not args.quiet:
