@@ -1,7 +1,7 @@
 """Ablations (MPOE Table 3): MPOE vs w/o parameter sharing (w/o PS) vs w/o gradient mask
 (w/o GM) vs +MoE, and any other variants, over tasks and seeds. Runs the GLUE or GPT-2 recipe
 once per (task, variant, seed), resumes interrupted studies, and writes
-``<output-dir>/summary.{json,csv}``, ``runs.json`` and ``summary.png`` (metric vs parameters).
+``<output-dir>/summary.{json,csv}``, ``summary_runs.{json,csv}`` and ``summary.png`` (metric vs parameters).
 
     python recipes/ablations.py --recipe bert --tasks rte,mrpc --seeds 1,2,3 --output-dir results/glue \\
         -- --data-dir ../shared/data/glue --epochs 3
@@ -21,18 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     VARIANTS,
     RecipeError,
-    plot_metric_vs_params,
     run_main,
     run_study,
+    split_passthrough,
     summarize,
-    write_rows,
+    write_study,
 )
 
 
 def main(argv=None) -> list[dict]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", choices=["gpt2", "bert", "t5"], required=True)
     ap.add_argument("--variants", default="mpoe,mpoe-wo-ps,mpoe-wo-gm,moe")
@@ -60,12 +58,8 @@ def main(argv=None) -> list[dict]:
     for r in results:
         r["task"] = r.get("tasks", ["wikitext2"])[0] if args.recipe != "gpt2" else "wikitext2"
     rows = summarize(args.recipe, results, ("task", "variant"))
-    write_rows(rows, out / "summary")
-    write_rows([{k: v for k, v in r.items() if k not in ("history", "samples")} for r in results], out / "runs")
-    plot_metric_vs_params(rows, args.recipe, "variant", out / "summary.png", panel_key="task",
-                          title=f"{args.recipe}: variants ({len(seeds)} seed(s))")
-    for row in rows:
-        print(row)
+    write_study(args.recipe, results, rows, out, "summary", "variant", "task",
+                f"{args.recipe}: variants ({len(seeds)} seed(s))")
     return rows
 
 

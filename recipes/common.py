@@ -164,6 +164,22 @@ def write_rows(rows: list[dict], base: Path) -> None:
             w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
 
 
+def mask_summary(mask) -> dict | None:
+    return None if mask is None else {"p_b": mask.p_b, "steps": mask.steps, "masked_steps": mask.masked_steps}
+
+
+def finish_run(out: Path, result: dict, model, tokenizer, moe_cfg, save_model: bool) -> None:
+    """Write ``results.json`` (and the model + tokenizer with ``save_model``) into ``out``."""
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    if save_model:
+        if moe_cfg is not None:
+            moe.save_pretrained(model, out / "model")
+        else:
+            model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+
+
 def run_main(main) -> None:
     """Run ``main()``, turning :class:`RecipeError` into a one-line message and exit status 2."""
     try:
@@ -333,6 +349,26 @@ def metric_of(recipe: str, result: dict) -> tuple[str, float]:
     if recipe == "gpt2":
         return "test_perplexity", result["test_perplexity"]
     return "test_score", result["test"]["score"]
+
+
+def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """``(own args, args after '--' for the recipe)``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def write_study(recipe: str, results: list[dict], rows: list[dict], out: Path, name: str, label_key: str,
+                panel_key: str | None, title: str) -> None:
+    """``name.{json,csv}`` (summary rows), ``<name>_runs.{json,csv}`` (every run), ``name.png``."""
+    write_rows(rows, out / name)
+    write_rows([{k: v for k, v in r.items() if k not in ("history", "samples")} for r in results],
+               out / f"{name}_runs")
+    plot_metric_vs_params(rows, recipe, label_key, out / f"{name}.png", panel_key=panel_key, title=title)
+    for row in rows:
+        print(row)
 
 
 def run_study(recipe: str, runs: list[tuple[str, list[str]]], runs_dir: Path) -> list[dict]:

@@ -1,6 +1,6 @@
 """Factorization study (MPOE Table 4): MPOE with m = 3, 5, 7, 9 local tensors. Uses the
 paper's factorizations for 768/3072 and balanced ones for other sizes; writes
-``<output-dir>/summary.{json,csv}``, ``runs.json`` and ``summary.png``.
+``<output-dir>/factorization.{json,csv}``, ``factorization_runs.{json,csv}`` and ``factorization.png``.
 
     python recipes/factorization_study.py --recipe gpt2 --ms 3,5,7,9 --output-dir results/gpt2 \\
         -- --model runs/base/model --train-file wikitext-2/valid.txt --test-file wikitext-2/test.txt
@@ -16,13 +16,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import plot_metric_vs_params, run_main, run_study, summarize, write_rows  # noqa: E402
+from common import run_main, run_study, split_passthrough, summarize, write_study  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, passthrough = split_passthrough(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", choices=["gpt2", "bert", "t5"], required=True)
     ap.add_argument("--ms", default="3,5,7,9")
@@ -45,13 +43,8 @@ def main(argv=None) -> list[dict]:
         r["m"] = m
         r["task"] = task
     rows = summarize(args.recipe, results, ("task", "m"))
-    write_rows(rows, out / "factorization")
-    write_rows([{k: v for k, v in r.items() if k not in ("history", "samples")} for r in results],
-               out / "factorization_runs")
-    plot_metric_vs_params(rows, args.recipe, "m", out / "factorization.png",
-                          title=f"{args.recipe}: MPOE with m local tensors")
-    for row in rows:
-        print(row)
+    write_study(args.recipe, results, rows, out, "factorization", "m", None,
+                f"{args.recipe}: MPOE with m local tensors")
     return rows
 
 

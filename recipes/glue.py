@@ -29,6 +29,8 @@ from common import (  # noqa: E402
     Timer,
     add_moe_args,
     atomic_output_dir,
+    finish_run,
+    mask_summary,
     get_task,
     glue_metrics,
     load_glue,
@@ -221,22 +223,12 @@ def main(argv=None, default_model: str = "t5-base") -> dict:
             "test_sizes": {t.name: len(splits[t.name][2]) for t in tasks},
             "best_epoch": best["epoch"], "best_validation": best["score"], "history": history,
             "test": test, "train_seconds": timer.seconds, "test_seconds": test_timer.seconds,
-            "gradient_mask": None if mask is None else {"p_b": mask.p_b, "steps": mask.steps,
-                                                         "masked_steps": mask.masked_steps},
+            "gradient_mask": mask_summary(mask),
             "moe_config": cfg.to_dict() if cfg is not None else None,
             "argv": sys.argv[1:] if argv is None else list(argv),
             **parameter_summary(model),
         }
-        import shutil
-
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        if args.save_model:
-            if cfg is not None:
-                moe.save_pretrained(model, out / "model")
-            else:
-                model.save_pretrained(out / "model")
-            tok.save_pretrained(out / "model")
+        finish_run(out, result, model, tok, cfg, args.save_model)
     if not args.quiet:
         print(json.dumps({"variant": args.variant, "tasks": result["tasks"], "test": test,
                           "best_validation": best["score"], "train_seconds": round(timer.seconds, 1),

@@ -30,6 +30,8 @@ from common import (  # noqa: E402
     Timer,
     add_moe_args,
     atomic_output_dir,
+    finish_run,
+    mask_summary,
     parameter_summary,
     prepare_model,
     run_main,
@@ -236,22 +238,12 @@ def main(argv=None) -> dict:
             "train_tokens": train_blocks.numel(), "test_tokens": test_blocks.numel(),
             "test_perplexity": ppl, "test_nll": nll, **{k: v for k, v in gen.items()},
             "train_seconds": timer.seconds,
-            "gradient_mask": None if mask is None else {"p_b": mask.p_b, "steps": mask.steps,
-                                                         "masked_steps": mask.masked_steps},
+            "gradient_mask": mask_summary(mask),
             "moe_config": moe_cfg.to_dict() if moe_cfg is not None else None,
             "argv": sys.argv[1:] if argv is None else list(argv),
             **parameter_summary(model),
         }
-        import shutil
-
-        shutil.rmtree(out / "trainer", ignore_errors=True)
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        if args.save_model:
-            if moe_cfg is not None:
-                moe.save_pretrained(model, out / "model")
-            else:
-                model.save_pretrained(out / "model")
-            tok.save_pretrained(out / "model")
+        finish_run(out, result, model, tok, moe_cfg, args.save_model)
     if not args.quiet:
         print(json.dumps({k: result.get(k) for k in ("variant", "test_perplexity", "bleu2", "bleu4",
                                                      "self_bleu2", "train_seconds", "total_params")}, indent=2))

@@ -350,6 +350,8 @@ def test_bad_inputs():
         GradientMask([nn.Parameter(torch.ones(1))], 1.5)
     with pytest.raises(ValueError, match="p_b"):
         GradientMask([nn.Parameter(torch.ones(1))], -0.1)
+    with pytest.raises(ValueError, match="no tensors to mask"):
+        GradientMask(moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=2, share="none"), progress=False))
     with pytest.raises(ValueError, match="num_experts"):
         MoEConfig(num_experts=0)
     with pytest.raises(ValueError, match="num_experts"):

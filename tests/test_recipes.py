@@ -150,7 +150,7 @@ def test_ablation_and_factorization_studies(tmp_path):
                            "--output-dir", str(tmp_path / "study"), "--", *passthrough])
     assert [r["variant"] for r in rows] == ["mpoe", "mpoe-wo-ps"]
     assert rows[1]["total_params"] > rows[0]["total_params"]  # no sharing costs parameters
-    for f in ("summary.json", "summary.csv", "summary.png", "runs.json"):
+    for f in ("summary.json", "summary.csv", "summary.png", "summary_runs.json"):
         assert (tmp_path / "study" / f).is_file()
     rows = factorization_study.main(["--recipe", "gpt2", "--ms", "2,3", "--output-dir", str(tmp_path / "study"),
                                      "--", *passthrough])

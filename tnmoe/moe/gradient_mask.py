@@ -48,6 +48,11 @@ class GradientMask:
             raise ValueError(f"p_b must be a probability in [0, 1], got {p_b}")
         self.p_b = float(p_b)
         self.params = shared_parameters(target) if isinstance(target, nn.Module) else list(target)
+        if not self.params:
+            raise ValueError(
+                "GradientMask has no tensors to mask: the model's MoE layers share no tensor "
+                "(share='none'?); pass the parameters to mask explicitly"
+            )
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
         self.steps = 0

@@ -97,6 +97,5 @@ def from_pretrained(directory: str | os.PathLike, model: nn.Module | None = None
         base_config = transformers.AutoConfig.from_pretrained(directory)
         model = cls(base_config)
     if getattr(model, "tnmoe_config", None) is None:
-        config = MoEConfig.from_dict({**config.to_dict(), "target_modules": config.target_modules})
         convert(model, config, init="empty", progress=False)
     return load_weights(model, directory)
