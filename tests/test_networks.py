@@ -246,6 +246,8 @@ def test_engine_chooses_stream_and_reconstruct():
     assert big.explain(4096).mode == "reconstruct"
     plan = big.explain(4096)
     assert plan.reconstruct_flops > 0 and plan.matmul_flops > 0 and "FLOPs" in str(plan)
+    assert len(plan.path) == 4 and plan.path == plan.reconstruct_path  # m - 1 pairwise contractions
+    assert sum(len(step) == 2 for step in small.explain(4).path) == 5  # the input joins the 5 cores
     # both modes agree numerically
     x = torch.randn(4, 768)
     y_auto = small(x)

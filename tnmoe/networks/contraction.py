@@ -78,13 +78,21 @@ class ContractionPlan:
     stream_flops: float
     reconstruct_flops: float
     matmul_flops: float
+    #: opt_einsum pairwise contraction order (operand index pairs) of each way
+    stream_path: tuple = ()
+    reconstruct_path: tuple = ()
+
+    @property
+    def path(self) -> tuple:
+        """The contraction order of the chosen mode (for "reconstruct": the rebuild of W)."""
+        return self.stream_path if self.mode == "stream" else self.reconstruct_path
 
     def __str__(self) -> str:
         recon_total = self.reconstruct_flops + self.matmul_flops
         return (
             f"ContractionPlan(mode={self.mode!r}, tokens={self.tokens}, "
             f"stream={self.stream_flops:.3g} FLOPs, reconstruct={self.reconstruct_flops:.3g} "
-            f"+ matmul={self.matmul_flops:.3g} = {recon_total:.3g} FLOPs)"
+            f"+ matmul={self.matmul_flops:.3g} = {recon_total:.3g} FLOPs, path={list(self.path)})"
         )
 
 
@@ -156,12 +164,15 @@ class ContractionEngine:
         out_f, in_f = _prod(outs), _prod(ins)
         n = max(int(tokens), 1)
         x_shape = lead + (n, *ins)
-        stream = self.flops(apply_equation(m, batched), (x_shape, *core_shapes))
-        recon = 0.0 if weight_cached else self.flops(reconstruct_equation(m, batched), core_shapes)
+        shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
+        stream_path, stream_info = self._path(apply_equation(m, batched), (x_shape, *shapes))
+        recon_path, recon_info = self._path(reconstruct_equation(m, batched), shapes)
+        stream = float(stream_info.opt_cost)
+        recon = 0.0 if weight_cached else float(recon_info.opt_cost)
         mm_eq = "enj,eoj->eno" if lead else "nj,oj->no"
         matmul = self.flops(mm_eq, (lead + (n, in_f), lead + (out_f, in_f)))
         mode = "stream" if stream * self.stream_margin < recon + matmul else "reconstruct"
-        return ContractionPlan(mode, n, stream, recon, matmul)
+        return ContractionPlan(mode, n, stream, recon, matmul, tuple(stream_path), tuple(recon_path))
 
     def reconstruct(self, cores: Sequence[torch.Tensor], batched: Sequence[bool] | None = None):
         """Contract cores into the dense matrix ``(out, in)`` (``(E, out, in)`` when batched)."""
