@@ -320,19 +320,22 @@ class ExpertFFN(nn.Module):
         outs: list[torch.Tensor] = []
         use_cache = self._use_cache()
         stream = not use_cache and self._use_stream(sum(counts) / len(active))
-        # unbind (not per-expert indexing) so backward stacks the expert grads in one allocation
-        if stream:
-            pass
-        elif use_cache or isinstance(self.up, DenseBank) or len(active) == self.num_experts:
-            W = {k: dict(enumerate((b.cached_weights() if use_cache else b.weights()).unbind(0)))
-                 for k, b in self.banks().items()}
-        else:
-            W = {k: dict(zip(active, b.weights(active).unbind(0))) for k, b in self.banks().items()}
+        banks = self.banks()
+        weights: dict[str, dict[int, torch.Tensor]] = {}
+        if not stream:
+            # unbind (not per-expert indexing): backward stacks the experts' grads in one allocation
+            all_experts = use_cache or isinstance(self.up, DenseBank) or len(active) == self.num_experts
+            for name, bank in banks.items():
+                if all_experts:
+                    full = bank.cached_weights() if use_cache else bank.weights()
+                    weights[name] = dict(enumerate(full.unbind(0)))
+                else:
+                    weights[name] = dict(zip(active, bank.weights(active).unbind(0)))
 
         def lin(name: str, h: torch.Tensor, e: int) -> torch.Tensor:
             if stream:
-                return self.banks()[name].stream(h, e)
-            return nn.functional.linear(h, W[name][e])
+                return banks[name].stream(h, e)
+            return nn.functional.linear(h, weights[name][e])
 
         for e, xe in enumerate(pieces):
             if counts[e] == 0:
