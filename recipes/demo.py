@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
             *(["--max-eval-samples", str(args.max_eval_samples)] if args.max_eval_samples else []),
         ], default_model=path)
     n_test = results["dense"]["test_sizes"]["mrpc"]
-    print(f"\n== summary (MRPC slice, {n_test} held-out rows; majority-class accuracy on all 200 is "
+    print(f"\n== summary (MRPC slice: {n_test} labelled rows, also used to pick the best epoch; "
+          f"majority-class accuracy on all 200 is "
           f"{majority_accuracy():.3f})")
     for variant, r in results.items():
         t = r["test"]["tasks"]["mrpc"]
