@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Callable
@@ -23,3 +24,14 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int = 9, warmu
             sync()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def write_report(path: str | None, *, device, tokens: int, rows: list[dict]) -> None:
+    """Write the benchmark's rows with the run's context (device, torch, threads) as JSON."""
+    if not path:
+        return
+    import torch
+
+    with open(path, "w") as fh:
+        json.dump({"device": str(device), "tokens": tokens, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)

@@ -15,13 +15,12 @@ All layers route without dropping tokens so they do the same work.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from torch import nn
 
-from _timing import interleaved
-from tnmoe.moe import DenseBank, ExpertFFN, MoELayer, MPOBank, SwitchRouter, count_parameters
+from _timing import interleaved, write_report
+from tnmoe.moe import DenseBank, ExpertFFN, MoELayer, MPOBank, SwitchRouter
 
 D, DFF, E = 768, 3072, 8
 F768, F3072 = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
@@ -86,10 +85,7 @@ def main() -> None:
                      "params": params[k]})
         print(f"{k:>16}: {t[k] / base:5.2f}x tnmoe dense-expert MoE | {t[k] / t['hf_switch']:5.2f}x HF Switch "
               f"| params {params[k] / 1e6:6.2f}M")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": str(dev), "tokens": args.tokens, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+    write_report(args.json, device=dev, tokens=args.tokens, rows=rows)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ and max_bond 64 / 16. "naive" rebuilds W every call with a fixed left-to-right t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
 from torch import nn
 
-from _timing import interleaved
+from _timing import interleaved, write_report
 from tnmoe.networks import MPOLinear
 
 IN_FACTORS, OUT_FACTORS = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
@@ -100,10 +99,7 @@ def main() -> None:
               f"train/linear={row['train_step_vs_linear']:.2f}x  eval(cached)/linear="
               f"{row['eval_cached_vs_linear']:.2f}x  fwd/naive={row['forward_vs_naive']:.2f}x  "
               f"train/naive={row['train_step_vs_naive']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": str(dev), "tokens": args.tokens, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+    write_report(args.json, device=dev, tokens=args.tokens, rows=rows)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_gradient_mask_fraction_and_reproducible():
 
 def test_gradient_mask_callback_with_trainer(tmp_path):
     from torch.utils.data import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=3), progress=False)
     mask = GradientMask(model, p_b=1.0)
@@ -319,8 +319,11 @@ def test_save_load_round_trip(tmp_path):
 
     with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    central = [k for k in keys if k.endswith("experts.up.cores.1")]
-    assert len(central) == 4 and all(f"cores.1" in k for k in central)
+        central = [k for k in keys if k.endswith("experts.up.cores.1")]
+        aux = [k for k in keys if k.endswith("experts.up.cores.0")]
+        # one unstacked (4-d) tensor per layer for the shared core; stacked (5-d) per-expert cores
+        assert len(central) == 4 and all(len(f.get_slice(k).get_shape()) == 4 for k in central)
+        assert len(aux) == 4 and all(f.get_slice(k).get_shape()[0] == 3 for k in aux)
 
 
 def test_load_into_wrong_config_fails(tmp_path):

@@ -44,7 +44,7 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
     if init not in ("pretrained", "empty"):
         raise ValueError(f"init must be 'pretrained' or 'empty', got {init!r}")
     E = config.num_experts
-    d_model, d_ff = spec.d_model, spec.d_ff
+    d_model = spec.d_model
     dtype, device = spec.up.dtype, spec.up.device
     meta = spec.up.is_meta
     load = init == "pretrained" and not meta
