@@ -38,6 +38,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--m", type=int, default=5)
     ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--existing-only", action="store_true",
+                    help="run nothing new: summarize the runs already in --output-dir")
     args = ap.parse_args(own)
     variants = args.variants.split(",")
     for v in variants:
@@ -54,12 +56,12 @@ def main(argv=None) -> list[dict]:
                 extra = [] if args.recipe == "gpt2" else ["--task", task]
                 runs.append((name, extra + ["--variant", variant, "--m", str(args.m), "--seed", str(seed)]
                              + passthrough))
-    results = run_study(args.recipe, runs, out / "runs")
+    results = run_study(args.recipe, runs, out / "runs", existing_only=args.existing_only)
     for r in results:
         r["task"] = r.get("tasks", ["wikitext2"])[0] if args.recipe != "gpt2" else "wikitext2"
     rows = summarize(args.recipe, results, ("task", "variant"))
     write_study(args.recipe, results, rows, out, "summary", "variant", "task",
-                f"{args.recipe}: variants ({len(seeds)} seed(s))")
+                f"{args.recipe}: variants (up to {len(seeds)} seed(s))")
     return rows
 
 

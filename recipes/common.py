@@ -371,13 +371,18 @@ def write_study(recipe: str, results: list[dict], rows: list[dict], out: Path, n
         print(row)
 
 
-def run_study(recipe: str, runs: list[tuple[str, list[str]]], runs_dir: Path) -> list[dict]:
+def run_study(recipe: str, runs: list[tuple[str, list[str]]], runs_dir: Path,
+              existing_only: bool = False) -> list[dict]:
     """Run each ``(name, argv)`` whose ``runs_dir/name/results.json`` does not exist yet
-    (so an interrupted study resumes), and return all results in order."""
+    (so an interrupted study resumes), and return all results in order. With
+    ``existing_only``, missing runs are skipped instead (summarize what was run)."""
     main = recipe_main(recipe)
     results = []
     for i, (name, argv) in enumerate(runs):
         path = runs_dir / name / "results.json"
+        if not path.is_file() and existing_only:
+            print(f"[{i + 1}/{len(runs)}] {name}: not run, skipped (--existing-only)", flush=True)
+            continue
         if not path.is_file():
             print(f"[{i + 1}/{len(runs)}] {name}: python recipes/... {' '.join(argv)}", flush=True)
             main(argv + ["--output-dir", str(runs_dir / name)])

@@ -44,11 +44,11 @@ def gpt2_tables():
         rows = load(f"gpt2_wikitext2/{name}")
         if not rows:
             continue
-        print(f"\n| {key} | params (M) | active/token (M) | test PPL | BLEU-2 | BLEU-4 | Self-BLEU-2 | train time (s) |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"\n| {key} | seeds | params (M) | active/token (M) | test PPL (mean ± std) | BLEU-2 | BLEU-4 | Self-BLEU-2 | train time (s) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r[key]} | {r['total_params'] / 1e6:.2f} | {r['active_params_per_token'] / 1e6:.2f} | "
-                  f"{r['test_perplexity_mean']:.1f} | {r.get('bleu2_mean', float('nan')):.2f} | "
+            print(f"| {r[key]} | {r['seeds']} | {r['total_params'] / 1e6:.2f} | {r['active_params_per_token'] / 1e6:.2f} | "
+                  f"{r['test_perplexity_mean']:.1f} ± {r['test_perplexity_std']:.1f} | {r.get('bleu2_mean', float('nan')):.2f} | "
                   f"{r.get('bleu4_mean', float('nan')):.2f} | {r.get('self_bleu2_mean', float('nan')):.2f} | "
                   f"{r['train_seconds_mean']:.0f} |")
 

@@ -29,5 +29,13 @@ case "${1:-all}" in
     $PY recipes/ablations.py --recipe gpt2 --variants dense,switch,moe,mpoe,mpoe-wo-gm,mpoe-wo-ps \
       --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
     $PY recipes/factorization_study.py --recipe gpt2 --ms 3,5,7,9 --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
+    # two more seeds for the ablation's core rows (run as two processes side by side), then the summary
+    $PY recipes/ablations.py --recipe gpt2 --variants dense,mpoe --seeds 42,43,44 \
+      --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}" &
+    $PY recipes/ablations.py --recipe gpt2 --variants mpoe-wo-gm,mpoe-wo-ps --seeds 42,43,44 \
+      --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
+    wait
+    $PY recipes/ablations.py --recipe gpt2 --variants dense,switch,moe,mpoe,mpoe-wo-gm,mpoe-wo-ps \
+      --seeds 42,43,44 --existing-only --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
     ;;
 esac
