@@ -157,14 +157,12 @@ def generation_scores(model, tok, lines, args) -> dict:
     if len(prompts) < 2:
         return {}
     model.eval()
-    g = torch.Generator(device="cpu").manual_seed(args.seed)
     torch.manual_seed(args.seed)
     hyps = []
     for p in tqdm(prompts, desc="generating", leave=False, disable=args.quiet):
         out = model.generate(torch.tensor([p], device=model.device), max_new_tokens=args.generate_tokens,
                              do_sample=True, top_k=40, pad_token_id=tok.eos_token_id)
         hyps.append(tok.decode(out[0, len(p):], skip_special_tokens=True))
-    del g
     bleu2, bleu4 = BLEU(max_ngram_order=2), BLEU(max_ngram_order=4)
     self_bleu = [BLEU(max_ngram_order=2, effective_order=True).sentence_score(
         h, [o for j, o in enumerate(hyps) if j != i]).score for i, h in enumerate(hyps)]

@@ -22,7 +22,7 @@ __all__ = ["build_moe_layer", "convert", "find_target_modules", "ParameterCount"
            "count_parameters", "print_trainable_parameters"]
 
 
-def _make_router(config: MoEConfig, d_model: int, seed: int, generator=None) -> nn.Module:
+def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
     if config.router == "switch":
         return SwitchRouter(d_model=d_model, num_experts=config.num_experts,
                             capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,

@@ -20,6 +20,7 @@ from ..networks import (
     DerivedTensorCache,
     check_factors,
     default_engine,
+    inference_cache_allowed,
     mpo_core_shapes,
 )
 
@@ -109,9 +110,8 @@ class MPOBank(nn.Module):
             self._init_random()
 
     def _init_random(self) -> None:
-        mpo = MPO.random(self.in_factors, self.out_factors, self.bond_dims[1:-1], dtype=torch.float64)
-        scale = (1.0 / math.sqrt(3 * self.in_features)) / float(mpo.to_matrix().std())
-        self.load_mpo(MPO([c * scale ** (1 / mpo.m) for c in mpo.cores]))
+        self.load_mpo(MPO.random(self.in_factors, self.out_factors, self.bond_dims[1:-1],
+                                 std=1.0 / math.sqrt(3 * self.in_features)))
 
     @property
     def engine(self) -> ContractionEngine:
@@ -213,8 +213,6 @@ class MPOBank(nn.Module):
 class DenseBank(nn.Module):
     """``num_experts`` plain dense matrices, weight ``(E, out, in)`` (the +MoE/+Switch baseline)."""
 
-    shared_indices: list[int] = []
-
     def __init__(self, *, num_experts: int, in_features: int, out_features: int,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -307,9 +305,7 @@ class ExpertFFN(nn.Module):
         return all(b.plan(n).mode == "stream" for b in self.banks().values())
 
     def _use_cache(self) -> bool:
-        if self.training:
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        return inference_cache_allowed(self, list(self.parameters()))
 
     def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         counts = [int(c) for c in counts]

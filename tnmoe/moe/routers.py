@@ -92,10 +92,8 @@ class TopKRouter(Router):
         _check(num_experts, top_k, gate_scaling)
         self.num_experts, self.top_k = num_experts, top_k
         self.gate = nn.Linear(d_model, num_experts, bias=bias)
-        self.reset_parameters()
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy_gating else None
-        if self.noise is not None and not self.noise.weight.is_meta:
-            nn.init.zeros_(self.noise.weight)
+        self.reset_parameters()
         self.capacity_factor, self.drop_tokens = capacity_factor, drop_tokens
         self.eval_capacity_factor = eval_capacity_factor
         self.gate_scaling = gate_scaling
@@ -110,7 +108,7 @@ class TopKRouter(Router):
         w.copy_(torch.randn(w.shape, generator=generator) * (0.1 * d_model ** -0.5))
         if self.gate.bias is not None:
             self.gate.bias.zero_()
-        if getattr(self, "noise", None) is not None:
+        if self.noise is not None:
             self.noise.weight.zero_()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

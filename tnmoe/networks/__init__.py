@@ -3,7 +3,7 @@
 Knows nothing of experts or routing (see :mod:`tnmoe.moe`).
 """
 
-from .cache import DerivedTensorCache
+from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import (
     ContractionEngine,
     ContractionPlan,
@@ -44,6 +44,7 @@ __all__ = [
     "SVDTruncation",
     "linear_weight",
     "DerivedTensorCache",
+    "inference_cache_allowed",
     "to_tensornetwork",
     "from_tensornetwork",
     "to_finite_mpo",

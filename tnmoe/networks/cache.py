@@ -6,7 +6,15 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["DerivedTensorCache"]
+__all__ = ["DerivedTensorCache", "inference_cache_allowed"]
+
+
+def inference_cache_allowed(module: torch.nn.Module, params: Sequence[torch.Tensor]) -> bool:
+    """True when ``module`` is in eval mode and no gradient can flow to ``params``, so weights
+    derived from them may be served from a cache."""
+    if module.training:
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
 
 class DerivedTensorCache:

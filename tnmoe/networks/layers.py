@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .cache import DerivedTensorCache
+from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import ContractionEngine, ContractionPlan, default_engine
 from .factorize import factorize
 from .mpo import MPO
@@ -68,15 +68,11 @@ class MPOLinear(nn.Module):
         super().__init__()
         in_factors = factorize(in_features, in_factors if in_factors is not None else m)
         out_factors = factorize(out_features, out_factors if out_factors is not None else m)
+        # nn.Linear's variance: Var(W) = 1/(3 in) (kaiming_uniform(a=sqrt(5)))
         mpo = MPO.random(in_factors, out_factors, bond_dim if bond_dim is not None else 1 << 30,
-                         dtype=dtype or torch.get_default_dtype())
-        # rescale to nn.Linear's variance: Var(W) = 1/(3 in) (kaiming_uniform(a=sqrt(5)))
-        with torch.no_grad():
-            W = mpo.to_matrix()
-            scale = (1.0 / math.sqrt(3 * in_features)) / W.std().clamp_min(1e-12)
-            per_core = float(scale) ** (1.0 / mpo.m)
+                         dtype=dtype or torch.get_default_dtype(), std=1.0 / math.sqrt(3 * in_features))
         self._init_from(
-            [c * per_core for c in mpo.cores],
+            mpo.cores,
             torch.zeros(out_features, dtype=mpo.dtype) if bias else None,
             cache_weight=cache_weight, engine=engine, mode=mode,
         )
@@ -178,9 +174,7 @@ class MPOLinear(nn.Module):
         return self._weight_cache.get(list(self.cores), self.weight)
 
     def _use_cache(self) -> bool:
-        if not self.cache_weight or self.training:
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.cores))
+        return self.cache_weight and inference_cache_allowed(self, list(self.cores))
 
     def clear_cache(self) -> None:
         self._weight_cache.clear()

@@ -193,8 +193,13 @@ class MPO:
         *,
         dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        std: float | None = None,
     ) -> "MPO":
-        """Random Gaussian cores with the given inner bond dims (a list of m-1 ints, or one int)."""
+        """Random Gaussian cores with the given inner bond dims (a list of m-1 ints, or one int).
+
+        With ``std``, the cores are rescaled evenly so the reconstructed matrix has that standard
+        deviation (e.g. ``1 / sqrt(3 * in)``, the variance of ``nn.Linear``'s default init).
+        """
         m = len(in_factors)
         if isinstance(bond_dims, int):
             inner = [min(bond_dims, b) for b in mpo_bond_dims(in_factors, out_factors)[1:-1]]
@@ -207,8 +212,12 @@ class MPO:
         for k in range(m):
             shape = (bonds[k], out_factors[k], in_factors[k], bonds[k + 1])
             scale = 1.0 / math.sqrt(bonds[k] * in_factors[k])
-            cores.append(torch.randn(shape, dtype=dtype, generator=generator) * scale)
-        return cls(cores)
+            cores.append(torch.randn(shape, dtype=torch.float64, generator=generator) * scale)
+        if std is not None:
+            actual = float(cls(cores).to_matrix().std())
+            per_core = (std / max(actual, 1e-300)) ** (1.0 / m)
+            cores = [c * per_core for c in cores]
+        return cls([c.to(dtype) for c in cores])
 
     # -- properties ----------------------------------------------------------------------------
     @property
