@@ -82,9 +82,9 @@ def test_conversion_router_still_gets_gradients():
 
 def test_target_modules_selects_subset_and_regex():
     model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=2, target_modules=["h.1.mlp"]), progress=False)
-    assert model.tnmoe_modules == ["transformer.h.1.mlp"]
+    assert moe.converted_modules(model) == ["transformer.h.1.mlp"]
     model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, m=2, target_modules=r".*h\.0\.mlp"), progress=False)
-    assert model.tnmoe_modules == ["transformer.h.0.mlp"]
+    assert moe.converted_modules(model) == ["transformer.h.0.mlp"]
 
 
 # --- sharing -------------------------------------------------------------------------------------

@@ -14,19 +14,21 @@ from .convert import (
     build_moe_layer,
     convert,
     count_parameters,
+    converted_modules,
     find_target_modules,
+    get_moe_config,
     print_trainable_parameters,
 )
 from .dispatch import DispatchPlan, combine, plan_dispatch
 from .experts import DenseBank, ExpertFFN, MPOBank, resolve_share
 from .gradient_mask import GradientMask, shared_parameters
-from .layer import MoELayer, RoutingStats
-from .losses import auxiliary_loss, load_balancing_loss, moe_layers, router_z_loss
+from .layer import MoELayer, RoutingStats, auxiliary_loss, moe_layers
+from .losses import load_balancing_loss, router_z_loss
 from .persistence import from_pretrained, load_weights, save_pretrained
 from .routers import HashRouter, Router, RouterOutput, SwitchRouter, TopKRouter
 
 __all__ = [
-    "MoEConfig", "convert", "build_moe_layer", "find_target_modules", "count_parameters",
+    "MoEConfig", "convert", "get_moe_config", "converted_modules", "build_moe_layer", "find_target_modules", "count_parameters",
     "print_trainable_parameters", "ParameterCount", "MoELayer", "RoutingStats", "ExpertFFN",
     "MPOBank", "DenseBank", "resolve_share", "Router", "RouterOutput", "TopKRouter",
     "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",

@@ -13,13 +13,13 @@ from tqdm.auto import tqdm
 from ..networks import MPO, factorize
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from .config import MoEConfig
+from .hf_config import mark_hf_config
 from .experts import DenseBank, ExpertFFN, MPOBank
-from .layer import MoELayer
-from .losses import moe_layers
+from .layer import MoELayer, moe_layers
 from .routers import HashRouter, SwitchRouter, TopKRouter
 
-__all__ = ["build_moe_layer", "convert", "find_target_modules", "ParameterCount",
-           "count_parameters", "print_trainable_parameters"]
+__all__ = ["build_moe_layer", "convert", "find_target_modules", "get_moe_config", "converted_modules",
+           "ParameterCount", "count_parameters", "print_trainable_parameters"]
 
 
 def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
@@ -139,28 +139,58 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
 
     Each expert starts from the pretrained FFN (MPO-decomposed for ``expert_type="mpo"``);
     with lossless bonds, ``gate_scaling="preserve"`` and no init noise, the converted model
-    computes the same outputs as before. Records ``model.tnmoe_config`` and
-    ``model.tnmoe_modules``. Returns the model.
+    computes the same outputs as before. All-or-nothing: every target is validated and every
+    replacement built before any is installed, so on an error the model is unchanged. Each MoE
+    layer takes the training/eval mode of the FFN it replaces and records the config and the
+    FFN's name (:func:`get_moe_config`, :func:`converted_modules`); a transformers model's
+    config records them too, so ``model.save_pretrained`` checkpoints reload with
+    :func:`tnmoe.moe.from_pretrained`. Returns the model.
     """
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"config must be a tnmoe.moe.MoEConfig, got {type(config).__name__}")
     config.validate()
-    if getattr(model, "tnmoe_config", None) is not None:
-        raise ValueError("this model is already converted (model.tnmoe_config is set)")
+    if moe_layers(model):
+        raise ValueError(
+            f"this model is already converted ({len(moe_layers(model))} MoE layers); convert the "
+            "original model, or load a converted checkpoint with tnmoe.moe.from_pretrained"
+        )
     targets = find_target_modules(model, config.target_modules)
     gen = torch.Generator().manual_seed(config.seed)
-    names = []
+    built = []
     for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
         adapter = get_adapter(module)
-        spec = adapter.extract(module)
-        layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i)
+        try:
+            spec = adapter.extract(module)
+            layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i)
+        except ValueError as err:
+            raise ValueError(f"cannot convert {name!r} (model left unchanged): {err}") from None
+        layer.train(module.training)
+        layer.moe_config = config
+        layer.converted_from = name
+        built.append((name, module, adapter, layer))
+    for name, module, adapter, layer in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         adapter.install(parent, child, module, layer)
-        names.append(name)
-    model.tnmoe_config = config
-    model.tnmoe_modules = names
+    names = [name for name, *_ in built]
+    mark_hf_config(model, config, names)
     if config.router == "hash":
         _wire_token_ids(model)
     return model
+
+
+def get_moe_config(model: nn.Module) -> MoEConfig | None:
+    """The :class:`MoEConfig` ``model`` was converted with (``None`` if it has no MoE layer that
+    :func:`convert` installed). Works through wrappers (DDP, ``torch.compile``, ...)."""
+    for _, layer in moe_layers(model):
+        if layer.moe_config is not None:
+            return layer.moe_config
+    return None
+
+
+def converted_modules(model: nn.Module) -> list[str]:
+    """Names (relative to the model :func:`convert` was called on) of the converted FFNs."""
+    return [layer.converted_from for _, layer in moe_layers(model) if layer.converted_from is not None]
 
 
 def _accepts_input_ids(module: nn.Module) -> bool:

@@ -14,13 +14,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .layer import moe_layers
+
 __all__ = ["GradientMask", "shared_parameters"]
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every tensor shared across experts in the model's MoE layers (each listed once)."""
-    from .losses import moe_layers
-
     seen, out = set(), []
     for _, layer in moe_layers(model):
         for bank in layer.experts.banks().values():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import Trainer, TrainerCallback
 
 from .gradient_mask import GradientMask
-from .losses import auxiliary_loss
+from .layer import auxiliary_loss
 
 __all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin"]
 

@@ -12,7 +12,7 @@ from .experts import ExpertFFN
 from .losses import load_balancing_loss, router_z_loss
 from .routers import Router
 
-__all__ = ["MoELayer", "RoutingStats"]
+__all__ = ["MoELayer", "RoutingStats", "moe_layers", "auxiliary_loss"]
 
 
 @dataclass
@@ -59,6 +59,9 @@ class MoELayer(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
         self.last_stats: RoutingStats | None = None
         self.token_ids: torch.Tensor | None = None  # set per batch for hash routing
+        #: set by :func:`tnmoe.moe.convert`: the config it used and the name of the FFN replaced
+        self.moe_config = None
+        self.converted_from: str | None = None
 
     @property
     def num_experts(self) -> int:
@@ -87,3 +90,25 @@ class MoELayer(nn.Module):
         self.last_stats = RoutingStats(plan.routed_counts.detach(), plan.counts.detach(),
                                        int(plan.dropped.sum()), x.shape[0])
         return self.output_dropout(out.to(hidden_states.dtype)).reshape(shape)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """All :class:`MoELayer` modules of ``model`` as ``(name, module)`` pairs, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the weighted auxiliary losses of every MoE layer's most recent forward.
+
+    Add it to the task loss: ``loss = task_loss + tnmoe.moe.auxiliary_loss(model)``.
+    Zero (a float32 scalar) when the model has no MoE layer or none has run yet.
+    """
+    total = None
+    for _, layer in moe_layers(model):
+        aux = layer.last_aux_loss
+        if aux is not None:
+            total = aux if total is None else total + aux
+    if total is None:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+    return total

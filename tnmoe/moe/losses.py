@@ -1,11 +1,10 @@
-"""Auxiliary router losses and their collection from a model (no global state)."""
+"""Auxiliary router losses: Switch load balancing and ST-MoE z-loss."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-__all__ = ["load_balancing_loss", "router_z_loss", "auxiliary_loss", "moe_layers"]
+__all__ = ["load_balancing_loss", "router_z_loss"]
 
 
 def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -25,27 +24,3 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor) 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``."""
     return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
-
-
-def moe_layers(model: nn.Module):
-    """All :class:`~tnmoe.moe.MoELayer` modules of ``model`` as ``(name, module)`` pairs."""
-    from .layer import MoELayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
-
-
-def auxiliary_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the weighted auxiliary losses of every MoE layer's most recent forward.
-
-    Add it to the task loss: ``loss = task_loss + tnmoe.moe.auxiliary_loss(model)``.
-    Zero (a float32 scalar) when the model has no MoE layer or none has run yet.
-    """
-    total = None
-    for _, layer in moe_layers(model):
-        aux = layer.last_aux_loss
-        if aux is not None:
-            total = aux if total is None else total + aux
-    if total is None:
-        p = next(model.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None)
-    return total

@@ -11,7 +11,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .config import MoEConfig
-from .convert import convert
+from .convert import convert, converted_modules, get_moe_config
 
 __all__ = ["save_pretrained", "from_pretrained", "load_weights"]
 
@@ -21,14 +21,14 @@ WEIGHTS_NAME = "model.safetensors"
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write a converted model to ``save_directory`` (created if needed). Returns the path."""
-    config: MoEConfig | None = getattr(model, "tnmoe_config", None)
+    config = get_moe_config(model)
     if config is None:
-        raise ValueError("model is not converted (no model.tnmoe_config); call tnmoe.moe.convert first")
+        raise ValueError("model has no MoE layers installed by tnmoe.moe.convert; call convert first")
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "moe_config": config.to_dict(),
-        "moe_modules": list(model.tnmoe_modules),
+        "moe_modules": converted_modules(model),
         "base_model_class": type(model).__name__,
         "format": "tnmoe-1",
     }
@@ -53,17 +53,18 @@ def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     directory = Path(directory)
     meta = _read_meta(directory)
     saved = MoEConfig.from_dict(meta["moe_config"])
-    current: MoEConfig | None = getattr(model, "tnmoe_config", None)
+    current = get_moe_config(model)
     if current is None:
         raise ValueError("model is not converted; use tnmoe.moe.from_pretrained(directory, model)")
     diff = saved.diff(current)
     if diff:
         lines = ", ".join(f"{k}: checkpoint={a!r} model={b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"checkpoint {directory} does not match the model's MoE config ({lines})")
-    if list(meta["moe_modules"]) != list(model.tnmoe_modules):
+    names = converted_modules(model)
+    if list(meta["moe_modules"]) != names:
         raise ValueError(
             f"checkpoint converted modules {meta['moe_modules'][:3]}... differ from the model's "
-            f"{list(model.tnmoe_modules)[:3]}... ({len(meta['moe_modules'])} vs {len(model.tnmoe_modules)})"
+            f"{names[:3]}... ({len(meta['moe_modules'])} vs {len(names)})"
         )
     try:
         missing, unexpected = load_model(model, str(directory / WEIGHTS_NAME), strict=False)
@@ -95,6 +96,6 @@ def from_pretrained(directory: str | os.PathLike, model: nn.Module | None = None
             raise ValueError(f"transformers has no class {meta['base_model_class']!r}; pass model=")
         base_config = transformers.AutoConfig.from_pretrained(directory)
         model = cls(base_config)
-    if getattr(model, "tnmoe_config", None) is None:
+    if get_moe_config(model) is None:
         convert(model, config, init="empty", progress=False)
     return load_weights(model, directory)
