@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from _timing import interleaved, write_report
-from tnmoe.moe import DenseBank, ExpertFFN, MoELayer, MPOBank, SwitchRouter
+from tnmoe.moe import DenseExpertBank, ExpertFFN, MoELayer, MPOExpertBank, SwitchRouter
 
 D, DFF, E = 768, 3072, 8
 F768, F3072 = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
@@ -28,11 +28,11 @@ F768, F3072 = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
 
 def tnmoe_layer(kind: str, max_bond: int | None = None) -> MoELayer:
     if kind == "mpo":
-        up = MPOBank(num_experts=E, in_factors=F768, out_factors=F3072, share="central", max_bond=max_bond)
-        down = MPOBank(num_experts=E, in_factors=F3072, out_factors=F768, share="central", max_bond=max_bond)
+        up = MPOExpertBank(num_experts=E, in_factors=F768, out_factors=F3072, share="central", max_bond=max_bond)
+        down = MPOExpertBank(num_experts=E, in_factors=F3072, out_factors=F768, share="central", max_bond=max_bond)
     else:
-        up = DenseBank(num_experts=E, in_features=D, out_features=DFF)
-        down = DenseBank(num_experts=E, in_features=DFF, out_features=D)
+        up = DenseExpertBank(num_experts=E, in_features=D, out_features=DFF)
+        down = DenseExpertBank(num_experts=E, in_features=DFF, out_features=D)
     experts = ExpertFFN(up=up, down=down, activation=nn.functional.gelu, up_bias=True, down_bias=True)
     router = SwitchRouter(d_model=D, num_experts=E, drop_tokens=False)
     return MoELayer(router=router, experts=experts)

@@ -7,12 +7,12 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 import tnmoe.moe as moe
 from tnmoe.moe import (
-    DenseBank,
+    DenseExpertBank,
     ExpertFFN,
     GradientMask,
     MoEConfig,
     MoELayer,
-    MPOBank,
+    MPOExpertBank,
     SwitchRouter,
     TopKRouter,
     count_parameters,
@@ -92,7 +92,7 @@ def test_target_modules_selects_subset_and_regex():
                                               ([0, 4], [0, 4]), ("auxiliary", [0, 1, 3, 4])])
 def test_share_options(share, shared_idx):
     E = 3
-    bank = MPOBank(num_experts=E, in_factors=[2, 2, 3, 2, 2], out_factors=[2, 3, 2, 2, 2], share=share)
+    bank = MPOExpertBank(num_experts=E, in_factors=[2, 2, 3, 2, 2], out_factors=[2, 3, 2, 2, 2], share=share)
     # sites (out*in) = [4, 6, 6, 4, 4] -> lossless bonds [1, 4, 24, 16, 4, 1]
     assert bank.bond_dims == [1, 4, 24, 16, 4, 1]
     sizes = [1 * 2 * 2 * 4, 4 * 3 * 2 * 24, 24 * 2 * 3 * 16, 16 * 2 * 2 * 4, 4 * 2 * 2 * 1]
@@ -107,11 +107,15 @@ def test_share_options(share, shared_idx):
 
 
 def test_experts_diverge_only_in_own_tensors():
-    bank = MPOBank(num_experts=2, in_factors=[4, 4, 4], out_factors=[4, 4, 4], share="central")
+    bank = MPOExpertBank(num_experts=2, in_factors=[4, 4, 4], out_factors=[4, 4, 4], share="central")
+    before = bank.weights().detach().clone()
+    assert (before[0] - before[1]).abs().max() > 1e-2  # random init: every expert its own draw
     with torch.no_grad():
         bank.cores[0][1].mul_(2.0)  # expert 1's first core
+        bank.cores[1].mul_(3.0)  # the shared central core: every expert
     W = bank.weights()
-    assert torch.allclose(W[1], 2 * W[0], atol=1e-5)
+    torch.testing.assert_close(W[1], 6 * before[1])
+    torch.testing.assert_close(W[0], 3 * before[0])
 
 
 # --- gradient mask -------------------------------------------------------------------------------
@@ -185,8 +189,8 @@ def test_gradient_mask_callback_with_trainer(tmp_path):
 
 # --- routers, dispatch ---------------------------------------------------------------------------
 def _dense_layer(router, d=8, d_ff=16, E=4):
-    experts = ExpertFFN(up=DenseBank(num_experts=E, in_features=d, out_features=d_ff),
-                        down=DenseBank(num_experts=E, in_features=d_ff, out_features=d))
+    experts = ExpertFFN(up=DenseExpertBank(num_experts=E, in_features=d, out_features=d_ff),
+                        down=DenseExpertBank(num_experts=E, in_features=d_ff, out_features=d))
     return MoELayer(router=router, experts=experts)
 
 
@@ -277,15 +281,16 @@ def test_dispatch_is_deterministic_bitwise():
 
 
 def test_mpo_experts_stream_and_reconstruct_agree():
-    up = MPOBank(num_experts=3, in_factors=[4, 4], out_factors=[4, 8], max_bond=2)
-    down = MPOBank(num_experts=3, in_factors=[4, 8], out_factors=[4, 4], max_bond=2)
+    up = MPOExpertBank(num_experts=3, in_factors=[4, 4], out_factors=[4, 8], max_bond=2)
+    down = MPOExpertBank(num_experts=3, in_factors=[4, 8], out_factors=[4, 4], max_bond=2)
     experts = ExpertFFN(up=up, down=down)
     x, counts = torch.randn(6, 16), [1, 0, 5]
-    assert experts._use_stream(3)  # tiny bonds, few tokens: streaming is cheaper
+    assert up.plan(3).mode == "stream" and down.plan(3).mode == "stream"  # tiny bonds, few tokens
     y_stream = experts(x, counts)
-    experts._use_stream = lambda n: False
-    y_recon = experts(x, counts)
-    assert torch.allclose(y_stream, y_recon, atol=1e-5)
+    W_up, W_down = up.weights(), down.weights()
+    expert_of_row = [0, 2, 2, 2, 2, 2]
+    ref = torch.stack([W_down[e] @ nn.functional.gelu(W_up[e] @ x[t]) for t, e in enumerate(expert_of_row)])
+    torch.testing.assert_close(y_stream, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_eval_weight_cache_invalidated():
@@ -358,7 +363,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="num_experts"):
         MoEConfig(num_experts=0)
     with pytest.raises(ValueError, match="num_experts"):
-        MPOBank(num_experts=0, in_factors=[2, 2], out_factors=[2, 2])
+        MPOExpertBank(num_experts=0, in_factors=[2, 2], out_factors=[2, 2])
     with pytest.raises(ValueError, match="multiply to"):
         MoEConfig(factors={768: [4, 4, 4]})
     with pytest.raises(ValueError, match="already converted"):

@@ -174,7 +174,7 @@ def test_mpolinear_from_conv1d():
 def test_mpolinear_gradcheck_float64():
     torch.manual_seed(0)
     layer = MPOLinear(in_features=12, out_features=8, in_factors=[3, 4], out_factors=[2, 4],
-                      bond_dim=3, dtype=torch.float64)
+                      max_bond=3, dtype=torch.float64)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     for mode in ("stream", "reconstruct"):
         layer.mode = mode
@@ -195,7 +195,7 @@ def test_mpolinear_gradients_match_dense():
     assert torch.allclose(gx_mpo, x.grad, atol=1e-10)
     assert torch.allclose(layer.bias.grad, lin.bias.grad, atol=1e-10)
     # the gradient w.r.t. the dense weight, pulled back through the cores, matches d/dcores
-    W = layer.weight()
+    W = layer.weight
     gW = lin.weight.grad
     core_grads = torch.autograd.grad((W * gW).sum(), list(layer.cores))
     for g, c in zip(core_grads, layer.cores):
@@ -234,7 +234,7 @@ def test_eval_cache_invalidated_when_core_changes():
     layer.eval()
     with torch.no_grad():
         y3 = layer(x)
-        ref = x @ layer.weight().T + layer.bias
+        ref = x @ layer.weight.T + layer.bias
     assert torch.allclose(y3, ref, atol=1e-5)
 
 

@@ -1,6 +1,6 @@
 """Mixture-of-experts with factorized experts that share any subset of their tensors.
 
-Pieces: routers (:mod:`.routers`), expert banks and FFN experts (:mod:`.experts`), dispatch
+Pieces: routers (:mod:`.routers`), expert banks (:mod:`.banks`), FFN experts (:mod:`.experts`), dispatch
 (:mod:`.dispatch`), the layer (:mod:`.layer`), auxiliary losses (:mod:`.losses`), the gradient
 mask (:mod:`.gradient_mask`), conversion of pretrained models (:mod:`.convert`,
 :mod:`.adapters`) and persistence (:mod:`.persistence`). transformers integration
@@ -20,7 +20,9 @@ from .convert import (
     print_trainable_parameters,
 )
 from .dispatch import DispatchPlan, combine, plan_dispatch
-from .experts import DenseBank, ExpertFFN, MPOBank, resolve_share
+from ..networks import resolve_share
+from .banks import DenseExpertBank, ExpertBank, MPOExpertBank, grouped_linear
+from .experts import ExpertFFN
 from .gradient_mask import GradientMask, shared_parameters
 from .layer import MoELayer, RoutingStats, auxiliary_loss, moe_layers
 from .losses import load_balancing_loss, router_z_loss
@@ -30,7 +32,7 @@ from .routers import HashRouter, Router, RouterOutput, SwitchRouter, TopKRouter
 __all__ = [
     "MoEConfig", "convert", "get_moe_config", "converted_modules", "build_moe_layer", "find_target_modules", "count_parameters",
     "print_trainable_parameters", "ParameterCount", "MoELayer", "RoutingStats", "ExpertFFN",
-    "MPOBank", "DenseBank", "resolve_share", "Router", "RouterOutput", "TopKRouter",
+    "ExpertBank", "MPOExpertBank", "DenseExpertBank", "grouped_linear", "resolve_share", "Router", "RouterOutput", "TopKRouter",
     "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",
     "shared_parameters", "auxiliary_loss", "load_balancing_loss", "router_z_loss", "moe_layers",
     "save_pretrained", "from_pretrained", "load_weights", "FFNAdapter", "FFNSpec",

@@ -11,10 +11,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..networks import MPO, factorize
+from ..networks.decompose import check_finite
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from .config import MoEConfig
 from .hf_config import mark_hf_config
-from .experts import DenseBank, ExpertFFN, MPOBank
+from .banks import DenseExpertBank, MPOExpertBank
+from .experts import ExpertFFN
 from .layer import MoELayer, moe_layers
 from .routers import HashRouter, SwitchRouter, TopKRouter
 
@@ -52,7 +54,9 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
     def bank(W: torch.Tensor):
         out_dim, in_dim = W.shape
         if config.expert_type == "dense":
-            b = DenseBank(num_experts=E, in_features=in_dim, out_features=out_dim, dtype=dtype, device=device)
+            if load:
+                check_finite(W, "the pretrained FFN matrix")
+            b = DenseExpertBank(num_experts=E, in_features=in_dim, out_features=out_dim, dtype=dtype, device=device)
             if load:
                 b.load_matrix(W.detach(), config.init_noise, generator)
             return b
@@ -60,7 +64,7 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
         out_f = factorize(out_dim, config.factors_for(out_dim))
         if len(in_f) != len(out_f):
             raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
-        b = MPOBank(num_experts=E, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
+        b = MPOExpertBank(num_experts=E, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
                     share=config.share, init="empty", dtype=dtype, device=device)
         if load:
             w = W.detach()

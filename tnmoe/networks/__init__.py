@@ -3,6 +3,7 @@
 Knows nothing of experts or routing (see :mod:`tnmoe.moe`).
 """
 
+from .bank import RECONSTRUCT_STRATEGIES, SHARE_NAMES, MPOBank, check_input_dtype, resolve_share
 from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import (
     ContractionEngine,
@@ -28,6 +29,11 @@ __all__ = [
     "MPO",
     "TensorTrain",
     "MPOLinear",
+    "MPOBank",
+    "resolve_share",
+    "check_input_dtype",
+    "SHARE_NAMES",
+    "RECONSTRUCT_STRATEGIES",
     "ContractionEngine",
     "ContractionPlan",
     "default_engine",

@@ -58,14 +58,11 @@ def reconstruct_equation(m: int, batched: Sequence[bool] | None = None) -> str:
     return ",".join(cores) + "->" + out
 
 
-def apply_equation(m: int, batched: Sequence[bool] | None = None) -> str:
-    """Equation streaming tokens ``(N, i_1..i_m)`` (``(E, N, i_1..i_m)`` when any core is
-    batched over experts) through the cores to ``(N, o_1..o_m)`` (resp. ``(E, N, o...)``)."""
-    batched = list(batched) if batched is not None else [False] * m
-    e, n, outs, ins, cores = _mpo_symbols(m, batched)
-    lead = e if any(batched) else ""
-    x = lead + n + "".join(ins)
-    return x + "," + ",".join(cores) + "->" + lead + n + "".join(outs)
+def apply_equation(m: int) -> str:
+    """Equation streaming tokens ``(N, i_1..i_m)`` through m cores ``(r, o_k, i_k, r')`` to
+    ``(N, o_1..o_m)``."""
+    _, n, outs, ins, cores = _mpo_symbols(m, [False] * m)
+    return n + "".join(ins) + "," + ",".join(cores) + "->" + n + "".join(outs)
 
 
 @dataclass(frozen=True)
@@ -146,31 +143,20 @@ class ContractionEngine:
         self._expr.cache_clear()
 
     # -- MPO-specific helpers ----------------------------------------------------------------
-    def plan(
-        self,
-        core_shapes: Sequence[Shape],
-        tokens: int,
-        batched: Sequence[bool] | None = None,
-        weight_cached: bool = False,
-    ) -> ContractionPlan:
-        """Price streaming vs reconstruct+matmul for ``tokens`` tokens (per expert when batched)."""
+    def plan(self, core_shapes: Sequence[Shape], tokens: int, weight_cached: bool = False) -> ContractionPlan:
+        """Price streaming vs reconstruct+matmul for ``tokens`` tokens through one MPO matrix
+        with cores of ``core_shapes`` ``(r, o_k, i_k, r')``; with ``weight_cached`` the rebuild
+        is free (the weight is served from a cache)."""
         m = len(core_shapes)
-        batched = list(batched) if batched is not None else [False] * m
-        experts = next((s[0] for s, b in zip(core_shapes, batched) if b), None)
-        lead: Shape = (experts,) if experts is not None else ()
-        dims = [s[1:] if b else s for s, b in zip(core_shapes, batched)]
-        outs = [d[1] for d in dims]
-        ins = [d[2] for d in dims]
-        out_f, in_f = _prod(outs), _prod(ins)
-        n = max(int(tokens), 1)
-        x_shape = lead + (n, *ins)
         shapes = tuple(tuple(int(d) for d in s) for s in core_shapes)
-        stream_path, stream_info = self._path(apply_equation(m, batched), (x_shape, *shapes))
-        recon_path, recon_info = self._path(reconstruct_equation(m, batched), shapes)
+        in_f, out_f = _prod(s[2] for s in shapes), _prod(s[1] for s in shapes)
+        n = max(int(tokens), 1)
+        x_shape = (n, *(s[2] for s in shapes))
+        stream_path, stream_info = self._path(apply_equation(m), (x_shape, *shapes))
+        recon_path, recon_info = self._path(reconstruct_equation(m), shapes)
         stream = float(stream_info.opt_cost)
         recon = 0.0 if weight_cached else float(recon_info.opt_cost)
-        mm_eq = "enj,eoj->eno" if lead else "nj,oj->no"
-        matmul = self.flops(mm_eq, (lead + (n, in_f), lead + (out_f, in_f)))
+        matmul = 2.0 * n * in_f * out_f
         mode = "stream" if stream * self.stream_margin < recon + matmul else "reconstruct"
         return ContractionPlan(mode, n, stream, recon, matmul, tuple(stream_path), tuple(recon_path))
 
@@ -184,16 +170,11 @@ class ContractionEngine:
         out_f = _prod(full.shape[len(lead) : len(lead) + half // 2])
         return full.reshape(*lead, out_f, -1)
 
-    def stream(
-        self, x: torch.Tensor, cores: Sequence[torch.Tensor], batched: Sequence[bool] | None = None
-    ) -> torch.Tensor:
-        """Apply cores to tokens ``x`` of shape ``(N, in)`` (``(E, N, in)`` when batched)."""
-        m = len(cores)
-        batched = list(batched) if batched is not None else [False] * m
+    def stream(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Apply one MPO matrix's cores to tokens ``x`` ``(N, in)`` -> ``(N, out)``."""
         ins = [c.shape[-2] for c in cores]
-        lead = x.shape[:-1]
-        y = self.contract(apply_equation(m, batched), x.reshape(*lead, *ins), *cores)
-        return y.reshape(*lead, -1)
+        y = self.contract(apply_equation(len(cores)), x.reshape(x.shape[0], *ins), *cores)
+        return y.reshape(x.shape[0], -1)
 
 
 def _prod(xs) -> int:

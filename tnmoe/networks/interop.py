@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import opt_einsum as oe
-import tensornetwork as tn
 import torch
 
 from .contraction import ContractionEngine, default_engine
@@ -28,9 +27,18 @@ __all__ = [
 ]
 
 
+def _tn():
+    """The ``tensornetwork`` module, imported on first use (it is heavy and not needed for
+    training), so ``import tnmoe`` does not import it."""
+    import tensornetwork
+
+    return tensornetwork
+
+
 def to_tensornetwork(mpo: MPO, backend: str = "pytorch"):
     """MPO -> ``(nodes, out_edges, in_edges)``: m connected nodes with axes
     ``(left, out, in, right)``; the dangling ``out``/``in`` edges in site order."""
+    tn = _tn()
     nodes = [tn.Node(c, name=f"core{k}", backend=backend, axis_names=["left", "out", "in", "right"])
              for k, c in enumerate(mpo.cores)]
     for a, b in zip(nodes[:-1], nodes[1:]):
@@ -54,7 +62,7 @@ def from_tensornetwork(nodes: Sequence) -> MPO:
 
 def to_finite_mpo(mpo: MPO, backend: str = "pytorch"):
     """As ``tensornetwork.FiniteMPO`` (requires the usual boundary bonds of 1)."""
-    return tn.FiniteMPO([c.permute(0, 3, 1, 2) for c in mpo.cores], backend=backend)
+    return _tn().FiniteMPO([c.permute(0, 3, 1, 2) for c in mpo.cores], backend=backend)
 
 
 def from_finite_mpo(fmpo) -> MPO:

@@ -1,4 +1,5 @@
-"""``MPOLinear``: an ``nn.Linear`` whose weight is a trainable MPO."""
+"""``MPOLinear``: a drop-in ``nn.Linear`` whose weight is a trainable MPO (an ``MPOBank`` of one
+matrix)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .cache import DerivedTensorCache, inference_cache_allowed
-from .contraction import ContractionEngine, ContractionPlan, default_engine
+from .bank import MPOBank, check_input_dtype
+from .contraction import ContractionEngine, ContractionPlan
 from .factorize import factorize
 from .mpo import MPO
 
 __all__ = ["MPOLinear", "linear_weight"]
+
+_MODES = ("auto", "stream", "reconstruct")
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,24 +32,33 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     )
 
 
-class MPOLinear(nn.Module):
-    """Drop-in ``nn.Linear`` with ``weight = MPO(cores)``; ``y = x @ W.T + b``.
+class MPOLinear(MPOBank):
+    """Drop-in ``nn.Linear``: ``y = x @ W.T + b`` with ``W = MPO(cores)`` of shape ``(out, in)``.
 
-    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``.
-    Core ``k``: ``(r_{k-1}, out_factors[k], in_factors[k], r_k)``.
+    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``; core ``k``:
+    ``(r_{k-1}, out_factors[k], in_factors[k], r_k)``. ``layer.weight`` is the rebuilt
+    ``(out, in)`` tensor (differentiable), so ``F.linear(x, layer.weight, layer.bias)``
+    equals ``layer(x)``.
 
-    In eval mode (or under ``torch.no_grad``) with ``cache_weight=True`` the reconstructed weight
-    is cached; the cache key holds every core's storage pointer and version counter, so any
-    in-place update (an optimizer step, ``load_state_dict``, ``.copy_``) invalidates it.
+    Each forward picks ``"stream"`` (tokens through the cores) or ``"reconstruct"`` (rebuild
+    ``W``, one matmul) by FLOP estimate for the batch (``mode="auto"``), or as forced by
+    ``mode``. The rebuilt weight is served from a cache exactly when the layer is in eval mode,
+    no gradient can reach the cores, and ``cache_weights=True``; the cache is reused only while
+    every core is unchanged (values compared with a snapshot), see :class:`MPOBank`.
 
     Args (keyword-only):
         in_features / out_features: dense shape.
         in_factors / out_factors: local dims (default ``factorize(dim, m)``).
         m: number of local tensors when factors are not given.
-        bond_dim: cap for a random init (``None``: lossless bonds).
-        bias: add a bias.
-        engine: contraction engine (default: the shared process-wide path cache).
-        mode: ``"auto"`` (cheaper by FLOPs), ``"stream"`` or ``"reconstruct"``.
+        max_bond: bond cap (``None``: lossless bonds).
+        bias: add a bias (``nn.Linear``'s init).
+        init: ``"random"`` (``nn.Linear``'s weight variance) or ``"empty"``.
+        engine, cache_weights: see :class:`MPOBank`.
+        mode: ``"auto"``, ``"stream"`` or ``"reconstruct"``.
+
+    Attributes:
+        truncation_error: Frobenius norm of what the decomposition dropped (``0.0`` unless built
+            by :meth:`from_linear` / :meth:`from_mpo` with a truncated MPO).
     """
 
     def __init__(
@@ -57,58 +69,42 @@ class MPOLinear(nn.Module):
         in_factors: Sequence[int] | None = None,
         out_factors: Sequence[int] | None = None,
         m: int = 5,
-        bond_dim: int | None = None,
+        max_bond: int | None = None,
         bias: bool = True,
-        cache_weight: bool = True,
+        init: str = "random",
+        cache_weights: bool = True,
         engine: ContractionEngine | None = None,
         mode: str = "auto",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         in_factors = factorize(in_features, in_factors if in_factors is not None else m)
         out_factors = factorize(out_features, out_factors if out_factors is not None else m)
-        # nn.Linear's variance: Var(W) = 1/(3 in) (kaiming_uniform(a=sqrt(5)))
-        mpo = MPO.random(in_factors, out_factors, bond_dim if bond_dim is not None else 1 << 30,
-                         dtype=dtype or torch.get_default_dtype(), std=1.0 / math.sqrt(3 * in_features))
-        self._init_from(
-            mpo.cores,
-            torch.zeros(out_features, dtype=mpo.dtype) if bias else None,
-            cache_weight=cache_weight, engine=engine, mode=mode,
-        )
-        if bias:
-            nn.init.uniform_(self.bias, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
-        if device is not None:
-            self.to(device)
+        super().__init__(num_matrices=1, in_factors=in_factors, out_factors=out_factors, max_bond=max_bond,
+                         share="all", init=init, engine=engine, cache_weights=cache_weights,
+                         dtype=dtype, device=device)
+        self._finish(mode, torch.empty(out_features, dtype=self.cores[0].dtype, device=device) if bias else None)
+        if bias and init == "random" and not self.bias.is_meta:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
 
-    def _init_from(self, cores, bias, *, cache_weight, engine, mode) -> None:
-        if mode not in ("auto", "stream", "reconstruct"):
-            raise ValueError(f"mode must be 'auto', 'stream' or 'reconstruct', got {mode!r}")
-        self.cores = nn.ParameterList([nn.Parameter(c.detach().clone()) for c in cores])
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.in_factors = [c.shape[2] for c in cores]
-        self.out_factors = [c.shape[1] for c in cores]
-        self.in_features = math.prod(self.in_factors)
-        self.out_features = math.prod(self.out_factors)
-        self.cache_weight = cache_weight
+    def _finish(self, mode: str, bias: torch.Tensor | None, truncation_error: float = 0.0) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
-        self._engine = engine
-        self._weight_cache = DerivedTensorCache()
-        self.last_plan: ContractionPlan | None = None
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.truncation_error = float(truncation_error)
 
     # -- constructors --------------------------------------------------------------------------
     @classmethod
-    def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, **kwargs) -> "MPOLinear":
+    def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None, *, mode: str = "auto",
+                 cache_weights: bool = True, engine: ContractionEngine | None = None) -> "MPOLinear":
+        """A layer with ``mpo``'s cores (copied) and ``bias`` ``(out,)``."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_from(
-            mpo.cores, bias,
-            cache_weight=kwargs.pop("cache_weight", True),
-            engine=kwargs.pop("engine", None),
-            mode=kwargs.pop("mode", "auto"),
-        )
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        layer._setup([c.detach().clone() for c in mpo.cores], range(mpo.m), 1,
+                     engine=engine, cache_weights=cache_weights)
+        layer._finish(mode, bias.detach().clone() if bias is not None else None, mpo.truncation_error)
         return layer
 
     @classmethod
@@ -126,7 +122,8 @@ class MPOLinear(nn.Module):
 
         ``in_factors``/``out_factors`` are factor lists or an int m (balanced factors); lossless
         unless ``max_bond``/``rtol`` is given. Decomposition runs in float32 or wider and the
-        cores are cast back to the layer's dtype.
+        cores are cast back to the layer's dtype. ``kwargs``: ``mode``, ``cache_weights``,
+        ``engine``. The result keeps the module's training/eval mode.
         """
         weight, bias = linear_weight(module)
         out_dim, in_dim = weight.shape
@@ -137,76 +134,54 @@ class MPOLinear(nn.Module):
         work = w if w.dtype in (torch.float32, torch.float64) else w.float()
         mpo = MPO.from_matrix(work, in_f, out_f, max_bond=max_bond, rtol=rtol).to(w.dtype)
         layer = cls.from_mpo(mpo, bias.detach() if bias is not None else None, **kwargs)
-        layer.truncation_error = mpo.truncation_error
-        return layer
+        return layer.train(module.training)
 
-    # -- views ---------------------------------------------------------------------------------
+    # -- nn.Linear views -----------------------------------------------------------------------
     @property
-    def engine(self) -> ContractionEngine:
-        return self._engine or default_engine()
-
-    @property
-    def bond_dims(self) -> list[int]:
-        return [self.cores[0].shape[0]] + [c.shape[-1] for c in self.cores]
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``(out, in)``, differentiable with respect to the cores."""
+        return self.weights()[0]
 
     def to_mpo(self) -> MPO:
-        return MPO([c.detach() for c in self.cores])
-
-    def weight(self) -> torch.Tensor:
-        """The dense weight ``(out, in)``, differentiable w.r.t. the cores."""
-        return self.engine.reconstruct(list(self.cores))
+        return self.mpo(0)
 
     def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` holding the rebuilt weight (and the bias)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         dtype=self.cores[0].dtype, device=self.cores[0].device)
         with torch.no_grad():
-            lin.weight.copy_(self.weight())
+            lin.weight.copy_(self.weight)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
-        return lin
+        return lin.train(self.training)
 
     def explain(self, tokens: int) -> ContractionPlan:
         """The plan (mode and FLOP estimates) the layer would use for ``tokens`` tokens."""
-        return self.engine.plan([tuple(c.shape) for c in self.cores], tokens)
+        return self.plan(tokens)
 
     # -- forward -------------------------------------------------------------------------------
-    def _cached(self) -> torch.Tensor:
-        return self._weight_cache.get(list(self.cores), self.weight)
-
-    def _use_cache(self) -> bool:
-        return self.cache_weight and inference_cache_allowed(self, list(self.cores))
-
-    def clear_cache(self) -> None:
-        self._weight_cache.clear()
-
-    def train(self, mode: bool = True):
-        self.clear_cache()
-        return super().train(mode)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"MPOLinear expected inputs with {self.in_features} features (last dim), got "
                 f"shape {tuple(x.shape)}"
             )
+        check_input_dtype(x, self.cores[0].dtype, "MPOLinear")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        use_cache = self._use_cache()
-        if self.mode == "auto":
-            plan = self.engine.plan(
-                [tuple(c.shape) for c in self.cores], x2.shape[0], weight_cached=use_cache
-            )
-            mode = plan.mode
-            self.last_plan = plan
-        else:
-            mode = self.mode
+        use_cache = self.use_weight_cache()
+        mode = self.mode
+        if mode == "auto":
+            self.last_plan = self.plan(x2.shape[0], weight_cached=use_cache)
+            mode = self.last_plan.mode
+        bias = self.bias
         if mode == "stream":
-            y = self.engine.stream(x2, list(self.cores))
-            if self.bias is not None:
-                y = y + self.bias
+            y = self.stream(x2, 0)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         else:
-            W = self._cached() if use_cache else self.weight()
-            y = torch.nn.functional.linear(x2, W, self.bias)
+            W = self.weights_for_inference()[0] if use_cache else self.weight
+            y = nn.functional.linear(x2, W, bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

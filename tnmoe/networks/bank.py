@@ -1,0 +1,317 @@
+"""``MPOBank``: the one MPO parameter container. ``E`` matrices ``(out, in)`` whose cores are
+each either one shared parameter or stacked per matrix; weights, streaming, planning, mixed
+precision and the inference weight cache live here, once.
+
+A bank of ``E`` matrices is tensor algebra: :class:`~tnmoe.networks.MPOLinear` is its ``E = 1``
+case, MoE experts (:mod:`tnmoe.moe`) are banks with ``E = num_experts``, and tying a core to
+another bank's (:meth:`MPOBank.tie_cores`) shares it across layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .cache import DerivedTensorCache, inference_cache_allowed
+from .contraction import ContractionEngine, ContractionPlan, default_engine
+from .decompose import check_bond
+from .factorize import check_factors
+from .mpo import MPO, mpo_core_shapes
+
+__all__ = ["MPOBank", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
+
+SHARE_NAMES = ("central", "auxiliary", "all", "none")
+RECONSTRUCT_STRATEGIES = ("auto", "batched", "loop")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def resolve_share(share: str | Sequence[int], m: int) -> list[int]:
+    """Indices of the cores shared by every matrix of a bank of MPOs with ``m`` cores.
+
+    ``"central"``: the central core ``(m-1)//2`` (MPOE); ``"auxiliary"``: every other core;
+    ``"all"``: every core (all matrices identical); ``"none"``: no sharing; or a list of
+    indices (negative ones count from the end).
+    """
+    central = (m - 1) // 2
+    if isinstance(share, str):
+        named = {"central": [central], "auxiliary": [k for k in range(m) if k != central],
+                 "all": list(range(m)), "none": []}
+        if share not in named:
+            raise ValueError(f"share must be one of {SHARE_NAMES} or a list of core indices, got {share!r}")
+        return named[share]
+    out = []
+    for k in share:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"share indices must be integers, got {k!r}")
+        if not -m <= k < m:
+            raise ValueError(f"share index {k} is out of range for an MPO with m={m} cores (valid: 0..{m - 1})")
+        out.append(k % m)
+    return sorted(set(out))
+
+
+def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    """Raise a clear ``ValueError`` when ``x``'s dtype cannot meet parameters of ``dtype``
+    (outside autocast, which casts both sides itself)."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return
+    raise ValueError(
+        f"{where}: input dtype {x.dtype} does not match the parameters' dtype {dtype}; cast the "
+        f"input (x.to({dtype})) or the module (.to({x.dtype})), or run under torch.autocast"
+    )
+
+
+class MPOBank(nn.Module):
+    """``num_matrices`` MPO matrices of shape ``(out, in)``; the cores in ``share`` are shared.
+
+    Shapes: shared core ``k``: ``(r_{k-1}, out_k, in_k, r_k)`` (one parameter); own core ``k``:
+    ``(E, r_{k-1}, out_k, in_k, r_k)`` (stacked). :meth:`weights` returns ``(E', out, in)``.
+
+    Precision policy (one for every contraction): MPO contractions run with autocast disabled,
+    in the cores' dtype, or in float32 when the cores are float16/bfloat16; the rebuilt weight
+    (and a streamed output) is then cast to the autocast dtype when autocast is on, else to the
+    cores' dtype. So under ``torch.autocast`` the weight is rounded once, like ``nn.Linear``'s.
+
+    Weight cache: :meth:`weights_for_inference` serves the rebuilt weights from a cache exactly
+    when :func:`~tnmoe.networks.inference_cache_allowed` holds (eval mode, and no gradient can
+    reach the cores) and ``cache_weights`` is on; a cached value is reused only while every core
+    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`).
+
+    Args (keyword-only):
+        num_matrices: ``E``.
+        in_factors / out_factors: local dims (``prod`` = in / out features), same length m.
+        max_bond: bond cap (``None``: lossless bonds).
+        share: cores shared by all matrices (:func:`resolve_share`).
+        init: ``"random"`` (Gaussian cores scaled to ``nn.Linear``'s weight variance
+            ``1 / (3 in)``) or ``"empty"`` (uninitialized, to be loaded).
+        engine: contraction engine (default: the process-wide path cache).
+        cache_weights: allow the inference weight cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_matrices: int = 1,
+        in_factors: Sequence[int],
+        out_factors: Sequence[int],
+        max_bond: int | None = None,
+        share: str | Sequence[int] = "none",
+        init: str = "random",
+        engine: ContractionEngine | None = None,
+        cache_weights: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_matrices, bool) or not isinstance(num_matrices, int) or num_matrices < 1:
+            raise ValueError(f"num_matrices must be a positive integer, got {num_matrices!r}")
+        if init not in ("random", "empty"):
+            raise ValueError(f"init must be 'random' or 'empty', got {init!r}")
+        check_bond(max_bond, None)
+        in_factors = check_factors(math.prod(in_factors), in_factors, "input dimension")
+        out_factors = check_factors(math.prod(out_factors), out_factors, "output dimension")
+        shared = resolve_share(share, len(in_factors))
+        shapes = mpo_core_shapes(in_factors, out_factors, max_bond)
+        factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        cores = [torch.empty(((num_matrices,) if k not in shared else ()) + s, **factory)
+                 for k, s in enumerate(shapes)]
+        self._setup(cores, shared, num_matrices, engine=engine, cache_weights=cache_weights)
+        if init == "random" and not self.cores[0].is_meta:
+            self.reset_parameters()
+
+    def _setup(self, cores: Sequence[torch.Tensor], shared: Sequence[int], num_matrices: int, *,
+               engine: ContractionEngine | None, cache_weights: bool) -> None:
+        self.num_matrices = num_matrices
+        self.shared_indices = list(shared)
+        self.batched = [k not in self.shared_indices for k in range(len(cores))]
+        self.cores = nn.ParameterList([c if isinstance(c, nn.Parameter) else nn.Parameter(c) for c in cores])
+        self._engine = engine
+        self.cache_weights = cache_weights
+        #: how :meth:`weights` contracts several matrices: "batched" (one einsum with a matrix
+        #: axis), "loop" (one at a time) or "auto" (batched on CUDA, loop elsewhere)
+        self.reconstruct_strategy = "auto"
+        self._weight_cache = DerivedTensorCache()
+        self.last_plan: ContractionPlan | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random cores whose matrices have ``nn.Linear``'s weight variance ``1 / (3 in)``;
+        every matrix its own draw for stacked cores."""
+        for j in range(self.num_matrices if any(self.batched) else 1):
+            mpo = MPO.random(self.in_factors, self.out_factors, self.bond_dims[1:-1],
+                             generator=generator, std=1.0 / math.sqrt(3 * self.in_features))
+            for k, (dst, src) in enumerate(zip(self.cores, mpo.cores)):
+                if self.batched[k]:
+                    dst[j].copy_(src)
+                elif j == 0:
+                    dst.copy_(src)
+
+    # -- structure -----------------------------------------------------------------------------
+    @property
+    def engine(self) -> ContractionEngine:
+        return self._engine or default_engine()
+
+    @property
+    def m(self) -> int:
+        return len(self.cores)
+
+    @property
+    def core_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Shape ``(r, o_k, i_k, r')`` of each core of one matrix."""
+        return [tuple(c.shape[1:]) if b else tuple(c.shape) for c, b in zip(self.cores, self.batched)]
+
+    @property
+    def in_factors(self) -> list[int]:
+        return [s[2] for s in self.core_shapes]
+
+    @property
+    def out_factors(self) -> list[int]:
+        return [s[1] for s in self.core_shapes]
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.in_factors)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.out_factors)
+
+    @property
+    def bond_dims(self) -> list[int]:
+        shapes = self.core_shapes
+        return [shapes[0][0]] + [s[-1] for s in shapes]
+
+    def core(self, matrix: int, k: int) -> torch.Tensor:
+        """Core ``k`` of ``matrix``: the shared parameter itself, or a view of the stacked one."""
+        return self.cores[k][matrix] if self.batched[k] else self.cores[k]
+
+    def mpo(self, matrix: int = 0) -> MPO:
+        """Matrix ``matrix`` as a detached :class:`MPO`."""
+        return MPO([self.core(matrix, k).detach() for k in range(self.m)])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Cores shared by all matrices (each once)."""
+        return [self.cores[k] for k in self.shared_indices]
+
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        """Cores stacked with one slice per matrix."""
+        return [c for c, b in zip(self.cores, self.batched) if b]
+
+    def num_shared_params(self) -> int:
+        return sum(p.numel() for p in self.shared_parameters())
+
+    def num_params_per_matrix(self) -> int:
+        """Scalars each matrix owns (its slices of the stacked cores)."""
+        return sum(p[0].numel() for p in self.stacked_parameters())
+
+    @torch.no_grad()
+    def load_mpo(self, mpo: MPO, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Set every matrix to ``mpo`` (core shapes must match); stacked cores get
+        ``noise_std * std(core)`` Gaussian noise so the matrices can diverge."""
+        for k, (src, dst, b) in enumerate(zip(mpo.cores, self.cores, self.batched)):
+            want = dst.shape[1:] if b else dst.shape
+            if tuple(src.shape) != tuple(want):
+                raise ValueError(f"core {k}: MPO shape {tuple(src.shape)} does not match the bank's {tuple(want)}")
+            src = src.to(dst.dtype)
+            if b:
+                dst.copy_(src.expand_as(dst))
+                if noise_std > 0:
+                    noise = torch.randn(dst.shape, generator=generator, dtype=torch.float32)
+                    dst.add_(noise.to(dst) * noise_std * float(src.float().std()))
+            else:
+                dst.copy_(src)
+
+    def tie_cores(self, other: "MPOBank", cores: Sequence[int]) -> None:
+        """Make cores ``cores`` of this bank the very parameters of ``other``'s (sharing across
+        layers, e.g. MPOBERT-style central tensors). Shapes and sharing layout must match."""
+        for k in cores:
+            mine, theirs = self.cores[k], other.cores[k]
+            if mine.shape != theirs.shape or self.batched[k] != other.batched[k]:
+                raise ValueError(
+                    f"core {k}: cannot tie shape {tuple(mine.shape)} (stacked={self.batched[k]}) to "
+                    f"{tuple(theirs.shape)} (stacked={other.batched[k]})"
+                )
+            self.cores[k] = theirs
+        self._weight_cache.clear()
+
+    # -- contraction ---------------------------------------------------------------------------
+    def _work(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.float() if t.dtype in _HALF else t for t in tensors]
+
+    def _out_dtype(self) -> torch.dtype:
+        device_type = self.cores[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.cores[0].dtype
+
+    def weights(self, matrices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """Dense matrices ``(E', out, in)`` for ``matrices`` (default all), differentiable with
+        respect to the cores; dtype per the precision policy."""
+        cores = list(self.cores)
+        if matrices is not None:
+            idx = torch.as_tensor(matrices, dtype=torch.long, device=cores[0].device)
+            cores = [c.index_select(0, idx) if b else c for c, b in zip(cores, self.batched)]
+            n = int(idx.numel())
+        else:
+            n = self.num_matrices
+        with torch.autocast(cores[0].device.type, enabled=False):
+            cores = self._work(cores)
+            if not any(self.batched):
+                W = self.engine.reconstruct(cores).unsqueeze(0).expand(n, -1, -1)
+            elif self._strategy(cores[0].device) == "loop":
+                W = torch.stack([self.engine.reconstruct([c[j] if b else c for c, b in zip(cores, self.batched)])
+                                 for j in range(n)])
+            else:
+                W = self.engine.reconstruct(cores, self.batched)
+        return W.to(self._out_dtype())
+
+    def _strategy(self, device: torch.device) -> str:
+        s = self.reconstruct_strategy
+        if s not in RECONSTRUCT_STRATEGIES:
+            raise ValueError(f"reconstruct_strategy must be one of {RECONSTRUCT_STRATEGIES}, got {s!r}")
+        if s == "auto":
+            return "batched" if device.type == "cuda" else "loop"
+        return s
+
+    def use_weight_cache(self) -> bool:
+        """Whether :meth:`weights_for_inference` may serve cached weights right now."""
+        return self.cache_weights and inference_cache_allowed(self, list(self.cores))
+
+    def weights_for_inference(self) -> torch.Tensor:
+        """All matrices ``(E, out, in)``: from the cache when :meth:`use_weight_cache` holds
+        (recomputed whenever a core changed), else freshly rebuilt."""
+        if not self.use_weight_cache():
+            return self.weights()
+        W = self._weight_cache.get(list(self.cores), self._weights_in_core_dtype)
+        return W.to(self._out_dtype())
+
+    def _weights_in_core_dtype(self) -> torch.Tensor:
+        with torch.autocast(self.cores[0].device.type, enabled=False):
+            return self.weights()
+
+    def clear_cache(self) -> None:
+        self._weight_cache.clear()
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def stream(self, x: torch.Tensor, matrix: int = 0) -> torch.Tensor:
+        """``x @ W_matrix.T`` for ``x`` ``(N, in)`` by contracting the tokens through the
+        cores (never materializing ``W``); dtype per the precision policy."""
+        cores = [self.core(matrix, k) for k in range(self.m)]
+        with torch.autocast(x.device.type, enabled=False):
+            work = self._work(cores)
+            y = self.engine.stream(x.to(work[0].dtype), work)
+        return y.to(self._out_dtype())
+
+    def plan(self, tokens: int, weight_cached: bool = False) -> ContractionPlan:
+        """Stream vs reconstruct for ``tokens`` tokens through one matrix (FLOP estimates)."""
+        return self.engine.plan(self.core_shapes, tokens, weight_cached=weight_cached)
+
+    def extra_repr(self) -> str:
+        return (f"num_matrices={self.num_matrices}, out_factors={self.out_factors}, "
+                f"in_factors={self.in_factors}, bond_dims={self.bond_dims}, "
+                f"shared_cores={self.shared_indices}")
