@@ -19,7 +19,7 @@ from tnmoe.networks import (
     tt_svd,
 )
 
-PAPER_768 = {3: [8, 12, 8], 5: [4, 4, 4, 4, 3], 7: [2, 2, 4, 4, 3, 2, 2], 9: [2, 2, 2, 2, 3, 2, 2, 2, 2]}
+PAPER_768 = {3: [8, 12, 8], 5: [3, 4, 4, 4, 4], 7: [2, 2, 4, 4, 3, 2, 2], 9: [2, 2, 2, 2, 3, 2, 2, 2, 2]}
 PAPER_3072 = {3: [12, 16, 16], 5: [4, 4, 8, 6, 4], 7: [2, 4, 4, 4, 4, 3, 2], 9: [2, 2, 2, 4, 4, 3, 2, 2, 2]}
 
 
@@ -33,15 +33,40 @@ def rel_err(a, b):
 def test_factorize_product_and_balance(dim, m):
     f = factorize(dim, m)
     assert len(f) == m and math.prod(f) == dim
-    assert max(f) <= max(2, dim)
+    assert max(f) == _min_max_factor(dim, m)  # no factorization into m factors is more balanced
+    centre = (m - 1) // 2  # mountain: non-increasing away from the centre
+    assert f[centre] == max(f)
+    assert all(f[k] >= f[k - 1] for k in range(1, centre + 1))
+    assert all(f[k] >= f[k + 1] for k in range(centre, m - 1))
 
 
-def test_factorize_literature_shapes_reachable():
-    for m in (3, 5, 7, 9):
+def _min_max_factor(dim: int, m: int) -> int:
+    """Brute force: the smallest possible largest factor of dim split into m factors."""
+    def best(n, parts, cap):
+        if parts == 1:
+            return n if n <= cap else None
+        out = None
+        for f in range(1, min(n, cap) + 1):
+            if n % f == 0:
+                rest = best(n // f, parts - 1, f)
+                if rest is not None:
+                    cand = max(f, rest)
+                    out = cand if out is None else min(out, cand)
+        return out
+    return best(dim, m, dim)
+
+
+def test_factorize_paper_shapes():
+    # the balanced factorization is the paper's for m = 3 and 5; others are given explicitly
+    for m in (3, 5):
+        assert factorize(768, m) == PAPER_768[m]
+        assert factorize(3072, m) == PAPER_3072[m]
+    for m in (7, 9):
         assert factorize(768, PAPER_768[m]) == PAPER_768[m]
-        assert factorize(3072, PAPER_3072[m]) == PAPER_3072[m]
-    assert factorize(3072, 5) == [4, 4, 8, 6, 4]
-    assert factorize(3072, 3) == [12, 16, 16]
+        mpo = MPO.from_matrix(torch.randn(3072, 768, dtype=torch.float64), PAPER_768[m], PAPER_3072[m])
+        assert mpo.in_factors == PAPER_768[m] and mpo.out_factors == PAPER_3072[m]
+    with pytest.raises(ValueError):
+        factorize(768, [4, 4, 4, 4, 4])
 
 
 def test_factorize_errors():
@@ -261,9 +286,14 @@ def test_engine_caches_expressions():
     layer = MPOLinear(in_features=16, out_features=16, in_factors=[4, 4], out_factors=[4, 4], engine=engine)
     x = torch.randn(3, 16)
     layer(x)
+    first = engine.cache_info()
+    assert first["paths"].misses > 0 and first["expressions"].misses > 0
     layer(x)
-    info = engine.cache_info()
-    assert info["expressions"].hits >= 1 and info["paths"].misses >= 1
+    second = engine.cache_info()
+    # the second call with the same shapes computes no path and builds no expression
+    assert second["paths"].misses == first["paths"].misses
+    assert second["expressions"].misses == first["expressions"].misses
+    assert second["expressions"].hits > first["expressions"].hits
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ mask (:mod:`.gradient_mask`), conversion of pretrained models (:mod:`.convert`,
 (``GradientMaskCallback``, ``MoETrainer``) is imported lazily.
 """
 
-from .adapters import FFNAdapter, FFNSpec, register_adapter, registered_adapters
+from .adapters import FFNAdapter, FFNSpec, register_adapter, registered_adapters, unregister_adapter
 from .config import MoEConfig
 from .convert import (
     ParameterCount,
@@ -36,7 +36,7 @@ __all__ = [
     "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",
     "shared_parameters", "auxiliary_loss", "load_balancing_loss", "router_z_loss", "moe_layers",
     "save_pretrained", "from_pretrained", "load_weights", "FFNAdapter", "FFNSpec",
-    "register_adapter", "registered_adapters", "GradientMaskCallback", "MoETrainer", "MoETrainerMixin",
+    "register_adapter", "unregister_adapter", "registered_adapters", "GradientMaskCallback", "MoETrainer", "MoETrainerMixin",
 ]
 
 

@@ -7,7 +7,7 @@ output dense). Add your own with :func:`register_adapter`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..networks import linear_weight
 
-__all__ = ["FFNSpec", "FFNAdapter", "register_adapter", "get_adapter", "registered_adapters"]
+__all__ = ["FFNSpec", "FFNAdapter", "register_adapter", "unregister_adapter", "get_adapter", "registered_adapters"]
 
 
 @dataclass
@@ -33,7 +33,6 @@ class FFNSpec:
     down_bias: torch.Tensor | None = None
     inner_dropout: float = 0.0
     output_dropout: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def d_model(self) -> int:
@@ -55,11 +54,9 @@ class FFNAdapter:
         raise NotImplementedError
 
     def install(self, parent: nn.Module, name: str, module: nn.Module, moe: nn.Module) -> None:
+        """Put ``moe`` in place of ``module`` (``parent.<name>``); any module it adds must take
+        ``module``'s training/eval mode."""
         setattr(parent, name, moe)
-
-    def moe_path(self, name: str) -> str:
-        """Where the MoE layer ends up relative to the model root, given the FFN's name."""
-        return name
 
 
 def _p(dropout: nn.Module) -> float:
@@ -99,10 +96,7 @@ class BertLayerAdapter(FFNAdapter):
 
     def install(self, parent, name, module, moe):
         module.intermediate = moe
-        module.output.dense = nn.Identity()
-
-    def moe_path(self, name):
-        return f"{name}.intermediate"
+        module.output.dense = nn.Identity().train(module.output.dense.training)
 
 
 class LlamaMLPAdapter(FFNAdapter):
@@ -123,6 +117,14 @@ def register_adapter(class_name: str | type, adapter: FFNAdapter) -> None:
     if not isinstance(adapter, FFNAdapter):
         raise TypeError(f"adapter must be an FFNAdapter instance, got {type(adapter).__name__}")
     _REGISTRY[name] = adapter
+
+
+def unregister_adapter(class_name: str | type) -> FFNAdapter:
+    """Remove and return the adapter registered for ``class_name`` (``KeyError`` if none)."""
+    name = class_name if isinstance(class_name, str) else class_name.__name__
+    if name not in _REGISTRY:
+        raise KeyError(f"no adapter registered for {name!r}; registered: {registered_adapters()}")
+    return _REGISTRY.pop(name)
 
 
 def get_adapter(module: nn.Module) -> FFNAdapter | None:

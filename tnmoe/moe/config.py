@@ -6,10 +6,39 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from ..networks import SHARE_NAMES
+from .routers import GATE_SCALINGS, check_capacity
+
 __all__ = ["MoEConfig"]
 
 _ROUTERS = ("switch", "topk", "hash")
+_LEARNED = ("switch", "topk")
 _EXPERTS = ("mpo", "dense")
+
+
+def _int(name: str, value, low: int | None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        want = f"an integer >= {low}" if low is not None else "an integer"
+        raise ValueError(f"{name} must be {want}{' (' + hint + ')' if hint else ''}, got {value!r}")
+
+
+def _number(name: str, value, low: float, high: float | None) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= low
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        rng = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be a number in {rng}, got {value!r}")
+
+
+def _bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _choice(name: str, value, choices, hint: str = "") -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}{' ' + hint if hint else ''}, got {value!r}")
 
 
 @dataclass
@@ -31,16 +60,24 @@ class MoEConfig:
         capacity_factor / drop_tokens: training capacity ``ceil(T*k*cf/E)``; ``None`` or
             ``drop_tokens=False`` keeps every token. eval_capacity_factor: the same in eval mode
             (``None``: no dropping at inference).
-        jitter_noise: Switch input jitter while training. noisy_gating: Shazeer noisy top-k.
-        router_bias: add a bias to the router logits.
-        gate_scaling: ``"preserve"`` (forward value 1/k per chosen expert, router still learns;
-            converted models reproduce the original), ``"probs"`` or ``"normalized"``.
-        load_balancing_coef / z_loss_coef: auxiliary loss weights.
+        jitter_noise: Switch input jitter while training (``switch`` only).
+        noisy_gating: Shazeer noisy top-k (``topk`` only).
+        router_bias: add a bias to the router logits (learned routers; default ``True``).
+        gate_scaling: learned routers: ``"preserve"`` (default; forward value 1/k per chosen
+            expert, router still learns; converted models reproduce the original), ``"probs"``
+            or ``"normalized"``.
+        load_balancing_coef / z_loss_coef: auxiliary loss weights (learned routers; default
+            0.01 / 0).
         init_noise: relative std of noise added to each expert's own tensors at conversion.
         target_modules: ``None`` (every FFN with an adapter), a list of names (a module matches
             when its name equals an entry or ends with ``"." + entry``) or a regex string
             (full match), as in peft.
-        vocab_size: hash routing table size. seed: seeds init noise and hash tables.
+        vocab_size: hash routing table size (``hash`` only; default 65536).
+        seed: seeds init noise, router init and hash tables.
+
+    Every field is validated on construction; an option that has no effect with the chosen
+    router (e.g. ``noisy_gating`` with ``router="switch"``) is an error, not silently ignored.
+    Fields left at ``None`` take the router's default (filled in on construction).
     """
 
     num_experts: int = 8
@@ -56,46 +93,95 @@ class MoEConfig:
     drop_tokens: bool = True
     jitter_noise: float = 0.0
     noisy_gating: bool = False
-    router_bias: bool = True
-    gate_scaling: str = "preserve"
-    load_balancing_coef: float = 0.01
+    router_bias: bool | None = None
+    gate_scaling: str | None = None
+    load_balancing_coef: float | None = None
     z_loss_coef: float = 0.0
     init_noise: float = 0.0
     target_modules: list[str] | str | None = None
-    vocab_size: int = 65536
+    vocab_size: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.factors = {int(k): [int(f) for f in v] for k, v in (self.factors or {}).items()}
-        if not isinstance(self.share, str):
-            self.share = [int(k) for k in self.share]
+        if not isinstance(self.factors, dict):
+            raise ValueError(f"factors must be a dict {{dim: [factors]}}, got {self.factors!r}")
+        self.factors = {int(k): list(v) for k, v in self.factors.items()}
+        if isinstance(self.share, tuple):
+            self.share = list(self.share)
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        learned = self.router in _LEARNED
+        defaults = {"router_bias": learned, "gate_scaling": "preserve" if learned else None,
+                    "load_balancing_coef": 0.01 if learned else 0.0,
+                    "vocab_size": 65536 if self.router == "hash" else None}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        if self.router not in _ROUTERS:
-            raise ValueError(f"router must be one of {_ROUTERS}, got {self.router!r}")
-        if self.expert_type not in _EXPERTS:
-            raise ValueError(f"expert_type must be one of {_EXPERTS}, got {self.expert_type!r}")
+        """Check every field; raises ``ValueError`` naming the field and what it accepts."""
+        _int("num_experts", self.num_experts, 1)
+        _int("top_k", self.top_k, 1)
+        _int("m", self.m, 2, "an MPO needs at least 2 local tensors")
+        _int("seed", self.seed, None)
+        _choice("router", self.router, _ROUTERS)
+        _choice("expert_type", self.expert_type, _EXPERTS)
         if self.router in ("switch", "hash") and self.top_k != 1:
             raise ValueError(f"the {self.router} router routes each token to 1 expert; got top_k={self.top_k}")
-        if not 1 <= self.top_k <= self.num_experts:
+        if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        if self.m < 2:
-            raise ValueError(f"m must be >= 2 (an MPO needs at least 2 local tensors), got {self.m}")
-        if self.max_bond is not None and self.max_bond < 1:
-            raise ValueError(f"max_bond must be a positive integer or None, got {self.max_bond}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
-        if self.init_noise < 0:
-            raise ValueError(f"init_noise must be >= 0, got {self.init_noise}")
+        if self.max_bond is not None:
+            _int("max_bond", self.max_bond, 1, "None means lossless bonds")
+        if isinstance(self.share, str):
+            _choice("share", self.share, SHARE_NAMES, "or a list of core indices")
+        elif not isinstance(self.share, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in self.share):
+            raise ValueError(f"share must be one of {SHARE_NAMES} or a list of core indices, got {self.share!r}")
+        check_capacity(self.capacity_factor, self.eval_capacity_factor)
+        _bool("drop_tokens", self.drop_tokens)
+        _bool("noisy_gating", self.noisy_gating)
+        _bool("router_bias", self.router_bias)
+        _number("jitter_noise", self.jitter_noise, 0.0, 1.0)
+        _number("init_noise", self.init_noise, 0.0, None)
+        _number("load_balancing_coef", self.load_balancing_coef, 0.0, None)
+        _number("z_loss_coef", self.z_loss_coef, 0.0, None)
+        if self.gate_scaling is not None:
+            _choice("gate_scaling", self.gate_scaling, GATE_SCALINGS)
+        if self.vocab_size is not None:
+            _int("vocab_size", self.vocab_size, 1)
+        self._check_router_options()
         for dim, fs in self.factors.items():
+            if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 1 for f in fs):
+                raise ValueError(f"factors[{dim}] must be positive integers, got {fs}")
             if math.prod(fs) != dim:
                 raise ValueError(f"factors[{dim}] = {fs} multiply to {math.prod(fs)}, not {dim}")
         lengths = {len(v) for v in self.factors.values()}
         if len(lengths) > 1:
             raise ValueError(f"all factor lists need the same length m, got lengths {sorted(lengths)}")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ValueError(f"target_modules must be None, a list of names or a regex string, got {self.target_modules!r}")
+
+    def _check_router_options(self) -> None:
+        """Options with no effect under the chosen router are errors, not silently ignored."""
+        ineffective = []
+        if self.router != "switch" and self.jitter_noise:
+            ineffective.append(f"jitter_noise={self.jitter_noise} (switch only)")
+        if self.router != "topk" and self.noisy_gating:
+            ineffective.append("noisy_gating=True (topk only)")
+        if self.router != "hash" and self.vocab_size is not None:
+            ineffective.append(f"vocab_size={self.vocab_size} (hash only)")
+        if self.router not in _LEARNED:
+            if self.router_bias:
+                ineffective.append("router_bias=True (hash routing has no logits)")
+            if self.gate_scaling is not None:
+                ineffective.append(f"gate_scaling={self.gate_scaling!r} (hash routing has no gate)")
+            if self.load_balancing_coef or self.z_loss_coef:
+                ineffective.append("load_balancing_coef / z_loss_coef (hash routing has no logits to balance)")
+        if self.expert_type == "dense" and (self.max_bond is not None or self.factors or self.share != "central"):
+            ineffective.append("max_bond / factors / share (MPO experts only; expert_type='dense')")
+        if ineffective:
+            raise ValueError(f"options with no effect for router={self.router!r}, expert_type={self.expert_type!r}: "
+                             + "; ".join(ineffective) + ". Remove them or pick the router/expert type they belong to.")
 
     def factors_for(self, dim: int) -> list[int] | int:
         return self.factors.get(dim, self.m if not self.factors else len(next(iter(self.factors.values()))))

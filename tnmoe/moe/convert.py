@@ -33,9 +33,11 @@ def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
     if config.router == "topk":
         return TopKRouter(d_model=d_model, num_experts=config.num_experts, top_k=config.top_k,
                           noisy_gating=config.noisy_gating, bias=config.router_bias,
-                          capacity_factor=config.capacity_factor if config.drop_tokens else None,
+                          capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,
                           eval_capacity_factor=config.eval_capacity_factor, gate_scaling=config.gate_scaling)
-    return HashRouter(num_experts=config.num_experts, vocab_size=config.vocab_size, seed=seed)
+    return HashRouter(num_experts=config.num_experts, vocab_size=config.vocab_size, seed=seed,
+                      capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,
+                      eval_capacity_factor=config.eval_capacity_factor)
 
 
 def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained",
@@ -88,7 +90,7 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
     if isinstance(router, TopKRouter) and load:
         router.reset_parameters(generator)  # seeded: conversions are reproducible
     router.to(device=device)
-    return MoELayer(router=router, experts=experts, load_balancing_coef=config.load_balancing_coef,
+    return MoELayer(router=router, experts=experts, load_balancing_coef=config.load_balancing_coef or 0.0,
                     z_loss_coef=config.z_loss_coef, output_dropout=spec.output_dropout)
 
 
@@ -222,13 +224,19 @@ def _wire_token_ids(model: nn.Module) -> None:
         module = modules[anc]
         sig = inspect.signature(module.forward)
 
-        def hook(mod, args, kwargs, layers=layers, sig=sig):
+        def set_ids(mod, args, kwargs, layers=layers, sig=sig):
             ids = sig.bind_partial(*args, **kwargs).arguments.get("input_ids")
             for layer in layers:
                 layer.token_ids = ids
             return None
 
-        module.register_forward_pre_hook(hook, with_kwargs=True)
+        def clear_ids(mod, args, output, layers=layers):
+            # ids belong to this call only: a later direct call must never route by them
+            for layer in layers:
+                layer.token_ids = None
+
+        module.register_forward_pre_hook(set_ids, with_kwargs=True)
+        module.register_forward_hook(clear_ids, always_call=True)
 
 
 @dataclass

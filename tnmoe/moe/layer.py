@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..networks import check_input_dtype
 from .dispatch import combine, plan_dispatch
 from .experts import ExpertFFN
 from .losses import load_balancing_loss, router_z_loss
@@ -72,9 +73,15 @@ class MoELayer(nn.Module):
         d = self.experts.d_model
         if shape[-1] != d:
             raise ValueError(f"MoELayer expected hidden size {d}, got shape {tuple(shape)}")
+        check_input_dtype(hidden_states, next(self.experts.parameters()).dtype, "MoELayer")
         x = hidden_states.reshape(-1, d)
         if token_ids is None:
             token_ids = self.token_ids
+        if x.shape[0] == 0:  # an empty batch: nothing to route
+            self.last_aux_loss = x.new_zeros((), dtype=torch.float32)
+            zeros = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+            self.last_stats = RoutingStats(zeros, zeros.clone(), 0, 0)
+            return hidden_states.new_zeros(shape)
         route = self.router(x, token_ids=token_ids)
         plan = plan_dispatch(route.expert_index, self.num_experts, self.router.capacity(x.shape[0]))
         y = self.experts(x.index_select(0, plan.token_index), plan.counts.tolist())

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["RouterOutput", "Router", "TopKRouter", "SwitchRouter", "HashRouter", "gate_weights"]
+__all__ = ["RouterOutput", "Router", "TopKRouter", "SwitchRouter", "HashRouter", "gate_weights", "check_capacity",
+           "GATE_SCALINGS"]
 
-_SCALINGS = ("preserve", "probs", "normalized")
+GATE_SCALINGS = ("preserve", "probs", "normalized")
 
 
 @dataclass
@@ -47,7 +48,7 @@ def gate_weights(selected_probs: torch.Tensor, scaling: str) -> torch.Tensor:
         return selected_probs
     if scaling == "normalized":
         return selected_probs / selected_probs.sum(-1, keepdim=True)
-    raise ValueError(f"gate scaling must be one of {_SCALINGS}, got {scaling!r}")
+    raise ValueError(f"gate scaling must be one of {GATE_SCALINGS}, got {scaling!r}")
 
 
 class Router(nn.Module):
@@ -69,13 +70,24 @@ class Router(nn.Module):
         return max(1, math.ceil(num_tokens * self.top_k * cf / self.num_experts))
 
 
-def _check(num_experts: int, top_k: int, scaling: str) -> None:
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if scaling not in _SCALINGS:
-        raise ValueError(f"gate_scaling must be one of {_SCALINGS}, got {scaling!r}")
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_capacity(capacity_factor: float | None, eval_capacity_factor: float | None) -> None:
+    """Capacity factors are positive numbers or ``None`` (no dropping)."""
+    for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+            raise ValueError(f"{name} must be a positive number or None (keep every token), got {cf!r}")
+
+
+def _check(num_experts: int, top_k: int, scaling: str | None) -> None:
+    if not _is_int(num_experts) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+    if not _is_int(top_k) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
+    if scaling is not None and scaling not in GATE_SCALINGS:
+        raise ValueError(f"gate_scaling must be one of {GATE_SCALINGS}, got {scaling!r}")
 
 
 class TopKRouter(Router):
@@ -90,6 +102,7 @@ class TopKRouter(Router):
                  eval_capacity_factor: float | None = None, gate_scaling: str = "normalized") -> None:
         super().__init__()
         _check(num_experts, top_k, gate_scaling)
+        check_capacity(capacity_factor, eval_capacity_factor)
         self.num_experts, self.top_k = num_experts, top_k
         self.gate = nn.Linear(d_model, num_experts, bias=bias)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy_gating else None
@@ -139,8 +152,6 @@ class SwitchRouter(TopKRouter):
         super().__init__(d_model=d_model, num_experts=num_experts, top_k=1, bias=bias,
                          capacity_factor=capacity_factor, drop_tokens=drop_tokens,
                          eval_capacity_factor=eval_capacity_factor, gate_scaling=gate_scaling)
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {capacity_factor}")
         if not 0.0 <= jitter_noise < 1.0:
             raise ValueError(f"jitter_noise must be in [0, 1), got {jitter_noise}")
         self.jitter_noise = jitter_noise
@@ -156,26 +167,34 @@ class HashRouter(Router):
     """Hash routing (Roller et al. 2021): a fixed token-id -> expert table, no learned weights.
 
     Needs the token ids ``(T,)`` of the routed positions; :func:`tnmoe.moe.convert` wires them
-    from the model's ``input_ids`` automatically. The table is a seeded random balanced
-    assignment over ``vocab_size`` ids; ids beyond it wrap around.
+    from the model's ``input_ids`` for each call (and clears them after it). The table is a
+    seeded random balanced assignment over ``vocab_size`` ids; ids beyond it wrap around.
+    Capacity (``capacity_factor`` / ``eval_capacity_factor``) applies as for the other routers.
     """
 
     uses_token_ids = True
 
-    def __init__(self, *, num_experts: int, vocab_size: int = 65536, seed: int = 0) -> None:
+    def __init__(self, *, num_experts: int, vocab_size: int = 65536, seed: int = 0,
+                 capacity_factor: float | None = None, drop_tokens: bool = True,
+                 eval_capacity_factor: float | None = None) -> None:
         super().__init__()
-        _check(num_experts, 1, "probs")
+        _check(num_experts, 1, None)
+        check_capacity(capacity_factor, eval_capacity_factor)
+        if not _is_int(vocab_size) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive integer (the hash table size), got {vocab_size!r}")
         self.num_experts, self.top_k = num_experts, 1
         g = torch.Generator().manual_seed(seed)
         table = torch.arange(vocab_size) % num_experts
         self.register_buffer("table", table[torch.randperm(vocab_size, generator=g)], persistent=True)
-        self.capacity_factor = None
+        self.capacity_factor, self.drop_tokens = capacity_factor, drop_tokens
+        self.eval_capacity_factor = eval_capacity_factor
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> RouterOutput:
         if token_ids is None:
             raise ValueError(
                 "HashRouter needs the token ids of the routed tokens: call the MoE layer with "
-                "token_ids=..., or convert the model with tnmoe.moe.convert so input_ids are wired in"
+                "token_ids=..., or call the model converted by tnmoe.moe.convert (which passes its "
+                "input_ids to the layers during that call only)"
             )
         ids = token_ids.reshape(-1).to(self.table.device) % self.table.numel()
         if ids.numel() != x.shape[0]:

@@ -51,8 +51,8 @@ def factorize(dim: int, m: int | Sequence[int]) -> list[int]:
     """Split ``dim`` into ``m`` factors whose product is ``dim``, as balanced as possible.
 
     The factors are ordered "mountain"-like (largest in the middle), matching the MPO literature,
-    where the central local tensor carries the largest dims: ``factorize(768, 5) == [4, 4, 4, 4, 3]``
-    style shapes. ``m`` may also be a sequence of user-given factors, which is validated and returned.
+    where the central local tensor carries the largest dims: ``factorize(768, 5) == [3, 4, 4, 4, 4]``
+    and ``factorize(3072, 5) == [4, 4, 8, 6, 4]`` (the MPOE paper's). ``m`` may also be a sequence of user-given factors, which is validated and returned.
 
     Factors of 1 are used only when ``dim`` has fewer than ``m`` prime factors.
     """
