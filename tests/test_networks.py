@@ -275,8 +275,10 @@ def test_engine_chooses_stream_and_reconstruct():
     assert sum(len(step) == 2 for step in small.explain(4).path) == 5  # the input joins the 5 cores
     # both modes agree numerically
     x = torch.randn(4, 768)
+    assert small.stream_is_cheaper(4) and not big.stream_is_cheaper(4096)
+    threshold = big.engine.stream_threshold(big.core_shapes)
+    assert big.explain(int(threshold)).mode == "reconstruct" and big.explain(int(threshold) // 2).mode == "stream"
     y_auto = small(x)
-    assert small.last_plan.mode == "stream"
     small.mode = "reconstruct"
     assert rel_err(y_auto, small(x)) < 1e-5
 

@@ -21,7 +21,8 @@ from .convert import (
 )
 from .dispatch import DispatchPlan, combine, plan_dispatch
 from ..networks import resolve_share
-from .banks import DenseExpertBank, ExpertBank, MPOExpertBank, grouped_linear
+from .banks import DenseExpertBank, ExpertBank, MPOExpertBank
+from .grouped import GROUPED_IMPLS, grouped_linear, grouped_mm_supported
 from .experts import ExpertFFN
 from .gradient_mask import GradientMask, shared_parameters
 from .layer import MoELayer, RoutingStats, auxiliary_loss, moe_layers
@@ -32,7 +33,7 @@ from .routers import HashRouter, Router, RouterOutput, SwitchRouter, TopKRouter
 __all__ = [
     "MoEConfig", "convert", "get_moe_config", "converted_modules", "build_moe_layer", "find_target_modules", "count_parameters",
     "print_trainable_parameters", "ParameterCount", "MoELayer", "RoutingStats", "ExpertFFN",
-    "ExpertBank", "MPOExpertBank", "DenseExpertBank", "grouped_linear", "resolve_share", "Router", "RouterOutput", "TopKRouter",
+    "ExpertBank", "MPOExpertBank", "DenseExpertBank", "grouped_linear", "grouped_mm_supported", "GROUPED_IMPLS", "resolve_share", "Router", "RouterOutput", "TopKRouter",
     "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",
     "shared_parameters", "auxiliary_loss", "load_balancing_loss", "router_z_loss", "moe_layers",
     "save_pretrained", "from_pretrained", "load_weights", "FFNAdapter", "FFNSpec",

@@ -8,8 +8,8 @@ subset of cores shared); :class:`DenseExpertBank` holds plain stacked matrices `
 Grouped inputs: ``bank(x, counts)`` (the bank's ``forward``; not ``apply``, which
 ``nn.Module`` reserves for ``model.apply(fn)``) takes tokens grouped by expert, ``x`` ``(A, in)`` whose
 first ``counts[0]`` rows go to expert 0, the next ``counts[1]`` to expert 1, ... and returns
-``(A, out)``. Experts with no tokens are not computed. :func:`grouped_linear` is the one place
-the per-expert matmuls happen (the hook to override with a grouped GEMM).
+``(A, out)``. :func:`~tnmoe.moe.grouped.grouped_linear` is the one place the expert matmuls
+happen (``torch._grouped_mm`` where available, a per-expert loop otherwise).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..networks import ContractionEngine, MPOBank
+from .grouped import grouped_linear
 
-__all__ = ["ExpertBank", "MPOExpertBank", "DenseExpertBank", "grouped_linear"]
+__all__ = ["ExpertBank", "MPOExpertBank", "DenseExpertBank"]
 
 
 @runtime_checkable
@@ -51,17 +52,15 @@ class ExpertBank(Protocol):
     def num_params_per_expert(self) -> int: ...
 
 
-def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor] | dict[int, torch.Tensor],
-                   counts: Sequence[int]) -> torch.Tensor:
-    """``x`` ``(A, in)`` grouped by expert (``counts``) times each expert's ``weights[e]``
-    ``(out, in)``: ``(A, out)``. ``weights`` come from ``W.unbind(0)``, so the backward stacks
-    the experts' gradients in one allocation."""
-    pieces = torch.split(x, list(counts))
-    outs = [nn.functional.linear(p, weights[e]) for e, p in enumerate(pieces) if counts[e] > 0]
-    if not outs:
-        out_features = next(iter(weights.values() if isinstance(weights, dict) else weights)).shape[0]
-        return x.new_zeros(0, out_features)
-    return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+def _check_grouped(x: torch.Tensor, counts, num_experts: int):
+    if isinstance(counts, torch.Tensor):
+        if tuple(counts.shape) != (num_experts,):
+            raise ValueError(f"counts must have shape ({num_experts},), got {tuple(counts.shape)}")
+        return counts
+    counts = [int(c) for c in counts]
+    if len(counts) != num_experts or sum(counts) != x.shape[0] or min(counts) < 0:
+        raise ValueError(f"counts must be {num_experts} non-negative ints summing to the {x.shape[0]} rows, got {counts}")
+    return counts
 
 
 def _check_num_experts(num_experts: int) -> None:
@@ -69,20 +68,14 @@ def _check_num_experts(num_experts: int) -> None:
         raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
 
 
-def _counts(counts: Sequence[int], num_experts: int, rows: int) -> list[int]:
-    counts = [int(c) for c in counts]
-    if len(counts) != num_experts or sum(counts) != rows or min(counts) < 0:
-        raise ValueError(f"counts must be {num_experts} non-negative ints summing to the {rows} rows, got {counts}")
-    return counts
-
-
 class MPOExpertBank(MPOBank):
     """``num_experts`` MPO experts ``(out, in)`` sharing the cores in ``share`` (default the
     central one: MPOE). Shared core ``k``: ``(r, o_k, i_k, r')``; own core: ``(E, r, o_k, i_k, r')``.
 
     :meth:`forward` streams each expert's tokens through its cores when that is cheaper by FLOP
-    estimate (few tokens, small bonds), else rebuilds the active experts' matrices (from the
-    inference cache when allowed) and runs :func:`grouped_linear`.
+    estimate (few tokens, small bonds), else rebuilds every expert's matrix (from the inference
+    cache when allowed; once per optimizer step inside
+    :func:`~tnmoe.networks.accumulate_reconstruction`) and runs :func:`grouped_linear`.
     """
 
     def __init__(self, *, num_experts: int, in_factors: Sequence[int], out_factors: Sequence[int],
@@ -93,6 +86,8 @@ class MPOExpertBank(MPOBank):
         super().__init__(num_matrices=num_experts, in_factors=in_factors, out_factors=out_factors,
                          max_bond=max_bond, share=share, init=init, engine=engine,
                          cache_weights=cache_weights, dtype=dtype, device=device)
+        #: expert matmul implementation, see :func:`grouped_linear`
+        self.grouped_impl = "auto"
 
     @property
     def num_experts(self) -> int:
@@ -107,19 +102,18 @@ class MPOExpertBank(MPOBank):
     def num_params_per_expert(self) -> int:
         return self.num_params_per_matrix()
 
-    def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        counts = _counts(counts, self.num_experts, x.shape[0])
-        active = [e for e, c in enumerate(counts) if c > 0]
-        if not active:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        counts = _check_grouped(x, counts, self.num_experts)
+        if x.shape[0] == 0:
             return x.new_zeros(0, self.out_features, dtype=self._out_dtype())
         use_cache = self.use_weight_cache()
-        if not use_cache and self.plan(max(1, x.shape[0] // len(active))).mode == "stream":
+        per_expert = max(1, x.shape[0] // self.num_experts)
+        if not use_cache and not self.accumulating and self.stream_is_cheaper(per_expert):
+            counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
             pieces = torch.split(x, counts)
-            return torch.cat([self.stream(pieces[e], e) for e in active], 0)
-        if use_cache or len(active) == self.num_experts:
-            W = self.weights_for_inference() if use_cache else self.weights()
-            return grouped_linear(x, W.unbind(0), counts)
-        return grouped_linear(x, dict(zip(active, self.weights(active).unbind(0))), counts)
+            return torch.cat([self.stream(pieces[e], e) for e in range(self.num_experts) if counts[e] > 0], 0)
+        W = self.weights_for_inference() if use_cache else self.weights()
+        return grouped_linear(x, W, counts, self.grouped_impl)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace("num_matrices=", "num_experts=")
@@ -138,6 +132,8 @@ class DenseExpertBank(nn.Module):
         if not self.weight.is_meta:
             bound = 1 / math.sqrt(in_features)
             nn.init.uniform_(self.weight, -bound, bound)
+        #: expert matmul implementation, see :func:`grouped_linear`
+        self.grouped_impl = "auto"
 
     @torch.no_grad()
     def load_matrix(self, W: torch.Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
@@ -152,9 +148,9 @@ class DenseExpertBank(nn.Module):
             return self.weight
         return self.weight.index_select(0, torch.as_tensor(experts, dtype=torch.long, device=self.weight.device))
 
-    def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        counts = _counts(counts, self.num_experts, x.shape[0])
-        return grouped_linear(x, self.weight.unbind(0), counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        counts = _check_grouped(x, counts, self.num_experts)
+        return grouped_linear(x, self.weight, counts, self.grouped_impl)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return []

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DispatchPlan", "plan_dispatch", "combine"]
+__all__ = ["DispatchPlan", "plan_dispatch", "combine", "expert_counts"]
 
 
 @dataclass
@@ -30,6 +30,14 @@ class DispatchPlan:
     top_k: int
 
 
+def expert_counts(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert ``(E,)`` (long) of any-shaped ``expert_index``; unlike
+    ``bincount``, the output size never depends on the data (compile-friendly)."""
+    flat = expert_index.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
+
+
 def plan_dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | None = None) -> DispatchPlan:
     """Group ``expert_index`` ``(T, k)`` by expert.
 
@@ -44,15 +52,15 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int, capacity: int | 
     key = flat * (T * k) + priority
     order = torch.argsort(key)
     sorted_experts = flat[order]
-    routed_counts = torch.bincount(flat, minlength=num_experts)
-    if capacity is None:
-        keep = torch.ones_like(order, dtype=torch.bool)
-    else:
-        starts = torch.cumsum(routed_counts, 0) - routed_counts
-        position = torch.arange(T * k, device=flat.device) - starts[sorted_experts]
-        keep = position < capacity
+    routed_counts = expert_counts(flat, num_experts)
+    if capacity is None:  # dropless: no data-dependent shapes, so no host sync
+        dropped = torch.zeros(T * k, dtype=torch.bool, device=flat.device)
+        return DispatchPlan(order, order // k, routed_counts, routed_counts, dropped, T, k)
+    starts = torch.cumsum(routed_counts, 0) - routed_counts
+    position = torch.arange(T * k, device=flat.device) - starts[sorted_experts]
+    keep = position < capacity
     assignment = order[keep]
-    counts = torch.bincount(sorted_experts[keep], minlength=num_experts)
+    counts = expert_counts(sorted_experts[keep], num_experts)
     dropped = torch.ones(T * k, dtype=torch.bool, device=flat.device)
     dropped[assignment] = False
     return DispatchPlan(assignment, assignment // k, counts, routed_counts, dropped, T, k)

@@ -69,13 +69,14 @@ class ExpertFFN(nn.Module):
             return h
         return h + bias.index_select(0, rows).to(h.dtype)
 
-    def forward(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        counts = [int(c) for c in counts]
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """``x`` ``(A, d_model)`` grouped by expert, ``counts`` ``(E,)`` (a device tensor keeps
+        the dropless path free of host syncs) -> ``(A, d_model)``."""
         rows = None
         if self.up_bias is not None or self.down_bias is not None:
-            # expert of each grouped row, for the per-expert biases
-            rows = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device),
-                                           torch.tensor(counts, device=x.device), output_size=x.shape[0])
+            # expert of each grouped row, for the per-expert biases (static shapes: no host sync)
+            ends = torch.cumsum(torch.as_tensor(counts, device=x.device), 0)
+            rows = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device), right=True)
         h = self._add_bias(self.up(x, counts), self.up_bias, rows)
         if self.gate is not None:
             h = self.activation(self.gate(x, counts)) * h

@@ -19,13 +19,17 @@ __all__ = ["MoELayer", "RoutingStats", "moe_layers", "auxiliary_loss"]
 @dataclass
 class RoutingStats:
     """Expert load after a forward: ``tokens_per_expert`` ``(E,)`` assignments routed to each
-    expert (before capacity), ``kept_per_expert`` ``(E,)`` after it, and ``dropped`` the number
-    of assignments dropped by capacity."""
+    expert (before capacity), ``kept_per_expert`` ``(E,)`` after it; :attr:`dropped` the number
+    of assignments dropped by capacity. Tensors stay on the device (reading :attr:`dropped`
+    or :attr:`imbalance` syncs)."""
 
     tokens_per_expert: torch.Tensor
     kept_per_expert: torch.Tensor
-    dropped: int
     num_tokens: int
+
+    @property
+    def dropped(self) -> int:
+        return int(self.tokens_per_expert.sum() - self.kept_per_expert.sum())
 
     @property
     def imbalance(self) -> float:
@@ -80,11 +84,11 @@ class MoELayer(nn.Module):
         if x.shape[0] == 0:  # an empty batch: nothing to route
             self.last_aux_loss = x.new_zeros((), dtype=torch.float32)
             zeros = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
-            self.last_stats = RoutingStats(zeros, zeros.clone(), 0, 0)
+            self.last_stats = RoutingStats(zeros, zeros.clone(), 0)
             return hidden_states.new_zeros(shape)
         route = self.router(x, token_ids=token_ids)
         plan = plan_dispatch(route.expert_index, self.num_experts, self.router.capacity(x.shape[0]))
-        y = self.experts(x.index_select(0, plan.token_index), plan.counts.tolist())
+        y = self.experts(x.index_select(0, plan.token_index), plan.counts)
         out = combine(y, plan, route.combine_weights)
 
         aux = x.new_zeros((), dtype=torch.float32)
@@ -94,8 +98,7 @@ class MoELayer(nn.Module):
             if self.z_loss_coef:
                 aux = aux + self.z_loss_coef * router_z_loss(route.router_logits)
         self.last_aux_loss = aux
-        self.last_stats = RoutingStats(plan.routed_counts.detach(), plan.counts.detach(),
-                                       int(plan.dropped.sum()), x.shape[0])
+        self.last_stats = RoutingStats(plan.routed_counts.detach(), plan.counts.detach(), x.shape[0])
         return self.output_dropout(out.to(hidden_states.dtype)).reshape(shape)
 
 

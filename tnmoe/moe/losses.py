@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import expert_counts
+
 __all__ = ["load_balancing_loss", "router_z_loss"]
 
 
@@ -15,7 +17,7 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor) 
     probability of expert ``i``. Equals 1 for perfectly uniform routing, ``E`` at full collapse.
     """
     E = router_probs.shape[-1]
-    counts = torch.bincount(expert_index.reshape(-1), minlength=E).to(router_probs.dtype)
+    counts = expert_counts(expert_index, E).to(router_probs.dtype)
     f = counts / counts.sum().clamp_min(1)
     P = router_probs.mean(0)
     return E * (f * P).sum()

@@ -3,7 +3,14 @@
 Knows nothing of experts or routing (see :mod:`tnmoe.moe`).
 """
 
-from .bank import RECONSTRUCT_STRATEGIES, SHARE_NAMES, MPOBank, check_input_dtype, resolve_share
+from .bank import (
+    RECONSTRUCT_STRATEGIES,
+    SHARE_NAMES,
+    MPOBank,
+    accumulate_reconstruction,
+    check_input_dtype,
+    resolve_share,
+)
 from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import (
     ContractionEngine,
@@ -30,6 +37,7 @@ __all__ = [
     "TensorTrain",
     "MPOLinear",
     "MPOBank",
+    "accumulate_reconstruction",
     "resolve_share",
     "check_input_dtype",
     "SHARE_NAMES",

@@ -9,8 +9,10 @@ another bank's (:meth:`MPOBank.tie_cores`) shares it across layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from .decompose import check_bond
 from .factorize import check_factors
 from .mpo import MPO, mpo_core_shapes
 
-__all__ = ["MPOBank", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
+__all__ = ["MPOBank", "accumulate_reconstruction", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
 
 SHARE_NAMES = ("central", "auxiliary", "all", "none")
 RECONSTRUCT_STRATEGIES = ("auto", "batched", "loop")
@@ -133,7 +135,8 @@ class MPOBank(nn.Module):
         #: axis), "loop" (one at a time) or "auto" (batched on CUDA, loop elsewhere)
         self.reconstruct_strategy = "auto"
         self._weight_cache = DerivedTensorCache()
-        self.last_plan: ContractionPlan | None = None
+        self._accumulating: str | None = None  # None, "early" or "last"
+        self._accumulation: _Accumulation | None = None
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -248,7 +251,19 @@ class MPOBank(nn.Module):
 
     def weights(self, matrices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Dense matrices ``(E', out, in)`` for ``matrices`` (default all), differentiable with
-        respect to the cores; dtype per the precision policy."""
+        respect to the cores; dtype per the precision policy. Inside
+        :func:`accumulate_reconstruction` (training, grad enabled) the matrices are rebuilt once
+        per optimizer step and their gradient reaches the cores once, at the last micro-batch."""
+        if self._accumulating is not None and torch.is_grad_enabled():
+            W = self._accumulated_weights()
+            if matrices is not None:
+                W = W.index_select(0, torch.as_tensor(matrices, dtype=torch.long, device=W.device))
+        else:
+            W = self._rebuild(matrices)
+        return W.to(self._out_dtype())
+
+    def _rebuild(self, matrices=None) -> torch.Tensor:
+        """``(E', out, in)`` in the contraction dtype (autocast off), differentiable."""
         cores = list(self.cores)
         if matrices is not None:
             idx = torch.as_tensor(matrices, dtype=torch.long, device=cores[0].device)
@@ -259,13 +274,34 @@ class MPOBank(nn.Module):
         with torch.autocast(cores[0].device.type, enabled=False):
             cores = self._work(cores)
             if not any(self.batched):
-                W = self.engine.reconstruct(cores).unsqueeze(0).expand(n, -1, -1)
-            elif self._strategy(cores[0].device) == "loop":
-                W = torch.stack([self.engine.reconstruct([c[j] if b else c for c, b in zip(cores, self.batched)])
-                                 for j in range(n)])
-            else:
-                W = self.engine.reconstruct(cores, self.batched)
-        return W.to(self._out_dtype())
+                return self.engine.reconstruct(cores).unsqueeze(0).expand(n, -1, -1)
+            if self._strategy(cores[0].device) == "loop":
+                return torch.stack([self.engine.reconstruct([c[j] if b else c for c, b in zip(cores, self.batched)])
+                                    for j in range(n)])
+            return self.engine.reconstruct(cores, self.batched)
+
+    def _accumulated_weights(self) -> torch.Tensor:
+        key = tuple((c.data_ptr(), c._version) for c in self.cores)
+        state = self._accumulation
+        if state is not None and state.key != key:
+            raise RuntimeError(
+                "the cores changed inside an accumulation window (an optimizer step without a "
+                "last=True micro-batch?): call each optimizer step's last micro-batch inside "
+                "accumulate_reconstruction(model, last=True)"
+            )
+        if state is None:
+            rebuilt = self._rebuild()
+            state = self._accumulation = _Accumulation(key, rebuilt, rebuilt.detach().requires_grad_(True))
+        if self._accumulating == "last":
+            if state.closing is None:  # once per micro-batch, however often the bank is used
+                state.closing = _AddAccumulatedGrad.apply(state.rebuilt, state.leaf)
+            return state.closing
+        return state.leaf
+
+    @property
+    def accumulating(self) -> bool:
+        """Inside :func:`accumulate_reconstruction` (weights rebuilt once per optimizer step)."""
+        return self._accumulating is not None
 
     def _strategy(self, device: torch.device) -> str:
         s = self.reconstruct_strategy
@@ -307,6 +343,11 @@ class MPOBank(nn.Module):
             y = self.engine.stream(x.to(work[0].dtype), work)
         return y.to(self._out_dtype())
 
+    def stream_is_cheaper(self, tokens: int, weight_cached: bool = False) -> bool:
+        """Whether streaming ``tokens`` tokens through one matrix beats reconstruct+matmul
+        (the engine's :meth:`~tnmoe.networks.ContractionEngine.stream_threshold`)."""
+        return tokens < self.engine.stream_threshold(self.core_shapes, weight_cached)
+
     def plan(self, tokens: int, weight_cached: bool = False) -> ContractionPlan:
         """Stream vs reconstruct for ``tokens`` tokens through one matrix (FLOP estimates)."""
         return self.engine.plan(self.core_shapes, tokens, weight_cached=weight_cached)
@@ -315,3 +356,58 @@ class MPOBank(nn.Module):
         return (f"num_matrices={self.num_matrices}, out_factors={self.out_factors}, "
                 f"in_factors={self.in_factors}, bond_dims={self.bond_dims}, "
                 f"shared_cores={self.shared_indices}")
+
+
+@dataclass
+class _Accumulation:
+    key: tuple  # the cores' storage and versions when the weights were rebuilt
+    rebuilt: torch.Tensor  # (E, out, in) with the graph back to the cores
+    leaf: torch.Tensor  # the same values, detached: earlier micro-batches accumulate into .grad
+    closing: torch.Tensor | None = None  # the last micro-batch's weights (carry the sum back)
+
+
+class _AddAccumulatedGrad(torch.autograd.Function):
+    """Forward: ``rebuilt``. Backward: this micro-batch's gradient plus the earlier
+    micro-batches' (``leaf.grad``), so the reconstruction's backward runs once per step."""
+
+    @staticmethod
+    def forward(ctx, rebuilt: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+        ctx.leaf = leaf
+        return rebuilt.view_as(rebuilt)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        earlier = ctx.leaf.grad
+        return (grad if earlier is None else grad + earlier), None
+
+
+@contextlib.contextmanager
+def accumulate_reconstruction(module: nn.Module, *, last: bool) -> Iterator[None]:
+    """Amortize MPO reconstruction over gradient accumulation: wrap each micro-batch's forward
+    and backward; ``last=True`` for the last micro-batch before ``optimizer.step()``.
+
+    Every :class:`MPOBank` in ``module`` (``MPOLinear`` and MPO experts included) rebuilds its
+    matrices once, at the first micro-batch of an optimizer step; earlier micro-batches
+    accumulate the gradient with respect to the rebuilt matrices, and the last pushes the sum
+    through the reconstruction once, inside its own backward (so DDP all-reduces the cores'
+    gradients as usual; run earlier micro-batches under ``no_sync()``). The cores' gradients
+    equal plain accumulation's up to float rounding. Plain loop::
+
+        for i, batch in enumerate(loader):
+            with accumulate_reconstruction(model, last=(i + 1) % K == 0):
+                (loss_fn(model(batch)) / K).backward()
+            if (i + 1) % K == 0:
+                optimizer.step(); optimizer.zero_grad()
+
+    Not for activation checkpointing that re-runs MPO layers in the backward pass.
+    """
+    banks = [m for m in module.modules() if isinstance(m, MPOBank)]
+    for bank in banks:
+        bank._accumulating = "last" if last else "early"
+    try:
+        yield
+    finally:
+        for bank in banks:
+            bank._accumulating = None
+            if last:  # the next micro-batch belongs to the next optimizer step
+                bank._accumulation = None

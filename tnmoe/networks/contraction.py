@@ -12,12 +12,15 @@ picks the cheaper; paths are computed once per shape signature and cached as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
 import opt_einsum as oe
 import torch
+
+from .chain import ChainPlan, chain_plan, chain_reconstruct
 
 __all__ = [
     "ContractionPlan",
@@ -113,6 +116,8 @@ class ContractionEngine:
         self.optimize = optimize
         self._path = lru_cache(maxsize=cache_size)(self._path_uncached)
         self._expr = lru_cache(maxsize=cache_size)(self._expr_uncached)
+        self._rebuild_method = lru_cache(maxsize=cache_size)(self._rebuild_method_uncached)
+        self._threshold = lru_cache(maxsize=cache_size)(self._threshold_uncached)
 
     # -- cached primitives -------------------------------------------------------------------
     def _path_uncached(self, eq: str, shapes: tuple[Shape, ...]):
@@ -131,7 +136,11 @@ class ContractionEngine:
         return float(self.path_info(eq, shapes).opt_cost)
 
     def contract(self, eq: str, *operands: torch.Tensor) -> torch.Tensor:
-        """Contract torch ``operands`` along ``eq`` with the cached optimal path (autograd-safe)."""
+        """Contract torch ``operands`` along ``eq`` with the cached optimal path (autograd-safe).
+        Under ``torch.compile`` the contraction is traced once as ``torch.einsum`` (which plans
+        with opt_einsum itself)."""
+        if torch.compiler.is_compiling():
+            return torch.einsum(eq, *operands)
         shapes = tuple(tuple(o.shape) for o in operands)
         return self._expr(eq, shapes)(*operands, backend="torch")
 
@@ -139,8 +148,8 @@ class ContractionEngine:
         return {"paths": self._path.cache_info(), "expressions": self._expr.cache_info()}
 
     def clear_cache(self) -> None:
-        self._path.cache_clear()
-        self._expr.cache_clear()
+        for cache in (self._path, self._expr, self._rebuild_method, self._threshold):
+            cache.cache_clear()
 
     # -- MPO-specific helpers ----------------------------------------------------------------
     def plan(self, core_shapes: Sequence[Shape], tokens: int, weight_cached: bool = False) -> ContractionPlan:
@@ -160,10 +169,39 @@ class ContractionEngine:
         mode = "stream" if stream * self.stream_margin < recon + matmul else "reconstruct"
         return ContractionPlan(mode, n, stream, recon, matmul, tuple(stream_path), tuple(recon_path))
 
+    def stream_threshold(self, core_shapes: Sequence[Shape], weight_cached: bool = False) -> float:
+        """The smallest power-of-two token count at which :meth:`plan` picks ``"reconstruct"``
+        (``inf`` if streaming stays cheaper up to 2**24 tokens). Deciding ``tokens < threshold``
+        instead of pricing each batch keeps the decision a single comparison, so compiled
+        graphs guard on one range instead of specializing per batch size."""
+        return _constant_threshold(self, _shapes(core_shapes), bool(weight_cached))
+
+    def _threshold_uncached(self, shapes: tuple[Shape, ...], weight_cached: bool) -> float:
+        for p in range(25):
+            if self.plan(shapes, 2 ** p, weight_cached=weight_cached).mode == "reconstruct":
+                return float(2 ** p)
+        return math.inf
+
+    def rebuild_method(self, core_shapes: Sequence[Shape]) -> str:
+        """``"chain"`` (two GEMMs around one core, :mod:`tnmoe.networks.chain`) when it costs
+        no more FLOPs than opt_einsum's optimal path (it then runs at the BLAS GEMM rate, the
+        general path as several tensordots with copies), else ``"opt_einsum"``."""
+        return _constant_rebuild_method(self, _shapes(core_shapes))
+
+    def _rebuild_method_uncached(self, shapes: tuple[Shape, ...]) -> str:
+        if len(shapes) < 3:
+            return "opt_einsum"
+        optimal = float(self._path(reconstruct_equation(len(shapes)), shapes)[1].opt_cost)
+        return "chain" if chain_plan(shapes).flops <= optimal * (1 + 1e-9) else "opt_einsum"
+
     def reconstruct(self, cores: Sequence[torch.Tensor], batched: Sequence[bool] | None = None):
         """Contract cores into the dense matrix ``(out, in)`` (``(E, out, in)`` when batched)."""
         m = len(cores)
         batched = list(batched) if batched is not None else [False] * m
+        shapes = tuple(tuple(c.shape[1:]) if b else tuple(c.shape) for c, b in zip(cores, batched))
+        choice = _constant_chain_choice(self, shapes)
+        if choice is not None:
+            return chain_reconstruct(cores, batched, ChainPlan(*choice, 0.0), self.contract)
         full = self.contract(reconstruct_equation(m, batched), *cores)
         lead = full.shape[: 1 if any(batched) else 0]
         half = full.dim() - len(lead)
@@ -175,6 +213,30 @@ class ContractionEngine:
         ins = [c.shape[-2] for c in cores]
         y = self.contract(apply_equation(len(cores)), x.reshape(x.shape[0], *ins), *cores)
         return y.reshape(x.shape[0], -1)
+
+
+# Planning results are constants for torch.compile: computed (and cached) at trace time, once.
+@torch.compiler.assume_constant_result
+def _constant_threshold(engine: ContractionEngine, shapes: tuple[Shape, ...], weight_cached: bool) -> float:
+    return engine._threshold(shapes, weight_cached)
+
+
+@torch.compiler.assume_constant_result
+def _constant_rebuild_method(engine: ContractionEngine, shapes: tuple[Shape, ...]) -> str:
+    return engine._rebuild_method(shapes)
+
+
+@torch.compiler.assume_constant_result
+def _constant_chain_choice(engine: ContractionEngine, shapes: tuple[Shape, ...]) -> tuple[int, bool] | None:
+    """``(center, right_first)`` of the chain rebuild, or ``None`` for the opt_einsum path."""
+    if engine._rebuild_method(shapes) != "chain":
+        return None
+    plan = chain_plan(shapes)
+    return plan.center, plan.right_first
+
+
+def _shapes(core_shapes: Sequence[Shape]) -> tuple[Shape, ...]:
+    return tuple(tuple(int(d) for d in s) for s in core_shapes)
 
 
 def _prod(xs) -> int:

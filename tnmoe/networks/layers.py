@@ -172,8 +172,7 @@ class MPOLinear(MPOBank):
         use_cache = self.use_weight_cache()
         mode = self.mode
         if mode == "auto":
-            self.last_plan = self.plan(x2.shape[0], weight_cached=use_cache)
-            mode = self.last_plan.mode
+            mode = "stream" if self.stream_is_cheaper(x2.shape[0], weight_cached=use_cache) else "reconstruct"
         bias = self.bias
         if mode == "stream":
             y = self.stream(x2, 0)
