@@ -22,18 +22,15 @@ _GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cu
 def grouped_mm_supported(x: torch.Tensor, W: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: present in this torch, a supported
     device/dtype (CPU: float32/bfloat16/float16; CUDA: bfloat16 on compute capability >= 9.0),
-    and on CUDA 16-byte aligned rows."""
+    and rows of 16-byte multiples (``in`` and ``out`` features)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != W.dtype:
         return False
     kind = x.device.type
     if x.dtype not in _GROUPED_MM_DTYPES.get(kind, ()):
         return False
-    if kind == "cuda":
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-        if (W.shape[-1] * W.element_size()) % 16 or (W.shape[-2] * W.element_size()) % 16:
-            return False
-    return True
+    if kind == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return (W.shape[-1] * W.element_size()) % 16 == 0 and (W.shape[-2] * W.element_size()) % 16 == 0
 
 
 def _use_grouped_mm(impl: str, a: torch.Tensor, b: torch.Tensor) -> bool:

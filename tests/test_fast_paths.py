@@ -1,0 +1,190 @@
+"""The fast paths agree with the plain ones: chain rebuild vs opt_einsum, grouped expert matmul
+vs per-expert loop, reconstruction amortized over micro-batches vs plain accumulation,
+torch.compile of the dropless layer."""
+
+import pytest
+import torch
+from torch import nn
+
+import tnmoe.moe as moe
+from tiny_models import inputs_for, tiny_gpt2
+from tnmoe.moe import DenseExpertBank, ExpertFFN, MoELayer, MPOExpertBank, SwitchRouter, grouped_linear
+from tnmoe.networks import (
+    ContractionEngine,
+    MPOLinear,
+    accumulate_reconstruction,
+    mpo_core_shapes,
+    reconstruct_equation,
+)
+from tnmoe.networks.chain import chain_plan, chain_reconstruct
+
+
+@pytest.mark.parametrize("in_f,out_f,max_bond", [
+    ([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], None),  # the paper's m = 5 (T5/GPT-2 up-projection)
+    ([4, 4, 8, 6, 4], [3, 4, 4, 4, 4], 64),
+    ([2, 3, 2], [3, 2, 2], None),
+    ([2, 2, 2, 2, 3, 2, 2, 2, 2], [2, 2, 2, 3, 4, 4, 2, 2, 2], 16),
+    ([4, 4], [2, 8], None),
+])
+@pytest.mark.parametrize("batched", ["central", "none", "all"])
+def test_chain_rebuild_equals_einsum(in_f, out_f, max_bond, batched):
+    shapes = mpo_core_shapes(in_f, out_f, max_bond)
+    m = len(shapes)
+    flags = {"central": [k != (m - 1) // 2 for k in range(m)], "none": [True] * m, "all": [False] * m}[batched]
+    g = torch.Generator().manual_seed(0)
+    cores = [torch.randn(((3,) if b else ()) + s, dtype=torch.float64, generator=g, requires_grad=True)
+             for s, b in zip(shapes, flags)]
+    engine = ContractionEngine()
+    plan = chain_plan(tuple(shapes))
+    assert plan.flops <= engine.flops(reconstruct_equation(m), shapes) * (1 + 1e-9)  # never worse
+    W = chain_reconstruct(cores, flags, plan, engine.contract)
+    ref = engine.contract(reconstruct_equation(m, flags), *cores)
+    ref = ref.reshape(*ref.shape[: 1 if any(flags) else 0], W.shape[-2], W.shape[-1])
+    torch.testing.assert_close(W, ref)
+    probe = torch.randn(W.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad((W * probe).sum(), cores)
+    want = torch.autograd.grad((ref * probe).sum(), cores)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_engine_uses_the_chain_for_mpo_matrices():
+    engine = ContractionEngine()
+    assert engine.rebuild_method(mpo_core_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4])) == "chain"
+    plan = chain_plan(tuple(mpo_core_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4])))
+    assert (plan.center, plan.right_first) == (2, True)  # L @ (C @ R) around the central core
+    # 192*192*12288 + 6144*384*384 multiply-adds: the cheapest rebuild of a 3072x768 expert
+    gemms = 2 * (192 * 192 * 12288 + 6144 * 384 * 384)
+    assert gemms <= plan.flops <= 1.01 * gemms  # plus the small outer parts
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 7, 1], [0, 0, 13, 0], [3, 3, 3, 4]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_linear_implementations_agree(counts, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 8, dtype=dtype, generator=g, requires_grad=True)
+    W = torch.randn(4, 12, 8, dtype=dtype, generator=g, requires_grad=True)
+    probe = torch.randn(sum(counts), 12, dtype=dtype, generator=g)
+    rows = [e for e, n in enumerate(counts) for _ in range(n)]
+    ref = torch.stack([W[e] @ x[t] for t, e in enumerate(rows)])
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, W])
+    impls = ["loop"] + (["grouped_mm"] if moe.grouped_mm_supported(x, W) else [])
+    assert (dtype == torch.float32) == ("grouped_mm" in impls)  # CPU grouped_mm takes float32, not float64
+    assert not moe.grouped_mm_supported(x, W[:, :6])  # 6 floats per row: not 16-byte aligned
+    for impl in impls:
+        y = grouped_linear(x, W, torch.tensor(counts), impl=impl)
+        torch.testing.assert_close(y, ref)
+        for a, b in zip(torch.autograd.grad((y * probe).sum(), [x, W]), ref_grads):
+            torch.testing.assert_close(a, b)
+    y = grouped_linear(x, W, counts)  # a plain list of counts works too
+    y.sum().backward()  # an expanded (stride-0) gradient: d/dW[e] = every row of e, summed
+    for e in range(4):
+        mine = x.detach()[[t for t, k in enumerate(rows) if k == e]].sum(0)
+        torch.testing.assert_close(W.grad[e], mine.expand(12, 8))
+    with pytest.raises(ValueError, match="impl"):
+        grouped_linear(x, W, counts, impl="fast")
+
+
+def test_grouped_linear_under_autocast_casts_like_linear():
+    x, W = torch.randn(10, 16), torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_linear(x, W, [4, 6])
+        ref = torch.cat([nn.functional.linear(x[:4], W[0]), nn.functional.linear(x[4:], W[1])])
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+
+
+def _converted(seed=0):
+    torch.manual_seed(seed)
+    model = moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), moe.MoEConfig(num_experts=2, m=3, capacity_factor=None, init_noise=0.1),
+                        progress=False).train()
+    model.transformer.h[0].attn.c_attn = MPOLinear.from_linear(model.transformer.h[0].attn.c_attn, in_factors=3)
+    return model
+
+
+def _accumulated_grads(model, batches, amortize):
+    for i, b in enumerate(batches):
+        last = i == len(batches) - 1
+        if amortize:
+            with accumulate_reconstruction(model, last=last):
+                (model(**b, labels=b["input_ids"]).loss / len(batches)).backward()
+        else:
+            (model(**b, labels=b["input_ids"]).loss / len(batches)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_amortized_reconstruction_gives_plain_accumulation_gradients():
+    batches = [inputs_for(tiny_gpt2(), batch=2, seq=8, seed=s) for s in range(4)]
+    plain = _accumulated_grads(_converted(), batches, amortize=False)
+    model = _converted()
+    amortized = _accumulated_grads(model, batches, amortize=True)
+    assert plain.keys() == amortized.keys()
+    assert any(".cores." in k for k in plain)
+    for k in plain:
+        torch.testing.assert_close(amortized[k], plain[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # a second optimizer step starts a fresh window from the updated cores
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    again = _accumulated_grads(model, batches[:2], amortize=True)
+    fresh = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reference = _converted()
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            p.copy_(fresh[n])
+    want = _accumulated_grads(reference, batches[:2], amortize=False)
+    for k in want:
+        torch.testing.assert_close(again[k], want[k], rtol=1e-4, atol=1e-6)
+
+
+def test_amortized_reconstruction_rebuilds_once_per_step(monkeypatch):
+    model = _converted()
+    batches = [inputs_for(model, batch=2, seq=8, seed=s) for s in range(3)]
+    calls = []
+    bank = moe.moe_layers(model)[0][1].experts.up
+    original = type(bank)._rebuild
+    monkeypatch.setattr(type(bank), "_rebuild", lambda self, *a: calls.append(id(self)) or original(self, *a))
+    _accumulated_grads(model, batches, amortize=True)
+    assert calls.count(id(bank)) == 1
+    calls.clear()
+    _accumulated_grads(model, batches, amortize=False)
+    assert calls.count(id(bank)) == 3
+
+
+def test_amortized_reconstruction_refuses_a_step_inside_the_window():
+    model = _converted()
+    b = inputs_for(model, batch=2, seq=8)
+    with accumulate_reconstruction(model, last=False):
+        model(**b, labels=b["input_ids"]).loss.backward()
+    cores = [p for n, p in model.named_parameters() if ".cores." in n]
+    assert all(p.grad is None for p in cores)  # nothing reaches the cores before the last micro-batch
+    with torch.no_grad():
+        cores[0].mul_(0.5)  # e.g. a step or an edit inside the window
+    with pytest.raises(RuntimeError, match="accumulation window"):
+        with accumulate_reconstruction(model, last=True):
+            model(**b, labels=b["input_ids"]).loss.backward()
+
+
+def test_compiled_dropless_layer_is_one_graph():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    up = MPOExpertBank(num_experts=4, in_factors=[2, 4, 4], out_factors=[4, 4, 4], share="central")
+    down = MPOExpertBank(num_experts=4, in_factors=[4, 4, 4], out_factors=[2, 4, 4], share="central")
+    layer = MoELayer(router=SwitchRouter(d_model=32, num_experts=4, capacity_factor=None, drop_tokens=False),
+                     experts=ExpertFFN(up=up, down=down, up_bias=True, down_bias=True))
+    x = torch.randn(64, 32, requires_grad=True)
+    ref = layer(x)
+    ref_grad = torch.autograd.grad(ref.sum(), x)[0]
+    compiled = torch.compile(layer, fullgraph=True)  # fails on any graph break (e.g. a host sync)
+    y = compiled(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_bank_uses_the_same_grouped_path():
+    torch.manual_seed(0)
+    bank = DenseExpertBank(num_experts=3, in_features=8, out_features=5)
+    x = torch.randn(9, 8)
+    for impl in ("loop", "grouped_mm"):
+        bank.grouped_impl = impl
+        y = bank(x, torch.tensor([2, 0, 7]))
+        torch.testing.assert_close(y, torch.cat([x[:2] @ bank.weight[0].T, x[2:] @ bank.weight[2].T]))
