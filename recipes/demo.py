@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RecipeError, run_main  # noqa: E402
+from run_io import RecipeError, run_main  # noqa: E402
+from variants import variant_config  # noqa: E402
 from glue import main as glue_main  # noqa: E402
 
 import tnmoe.moe as moe  # noqa: E402
@@ -53,7 +54,8 @@ def main(argv=None) -> dict:
         ref = base(**batch).last_hidden_state
 
     print("\n== 2. convert every FFN to MPOE (8 experts, shared central tensor, lossless MPO)")
-    model = moe.convert(copy.deepcopy(base), moe.MoEConfig(num_experts=8, m=5)).eval()
+    mpoe_config, _ = variant_config("mpoe")  # the recipes' --variant mpoe (MiniLM's 384/1536: balanced factors)
+    model = moe.convert(copy.deepcopy(base), mpoe_config).eval()
     before = moe.count_parameters(base).total
     c = moe.print_trainable_parameters(model)
     with torch.no_grad():

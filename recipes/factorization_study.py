@@ -11,41 +11,29 @@ Arguments after ``--`` go to the recipe unchanged. Runs already present (e.g. fr
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_main, run_study, split_passthrough, summarize, write_study  # noqa: E402
+from registry import STUDY_RECIPES, study_recipe  # noqa: E402
+from run_io import run_main  # noqa: E402
+from studies import conduct_study, grid, int_list, parse_study_args, study_parser  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 
-def main(argv=None) -> list[dict]:
-    own, passthrough = split_passthrough(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", choices=["gpt2", "bert", "t5"], required=True)
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the study; returns its summary rows (one per m)."""
+    ap = study_parser(__doc__, STUDY_RECIPES)
     ap.add_argument("--ms", default="3,5,7,9")
-    ap.add_argument("--variant", default="mpoe")
+    ap.add_argument("--variant", default="mpoe", choices=sorted(VARIANTS))
     ap.add_argument("--task", default="rte", help="GLUE task (ignored for gpt2)")
-    ap.add_argument("--seeds", default="42")
-    ap.add_argument("--output-dir", required=True)
-    args = ap.parse_args(own)
-    ms = [int(m) for m in args.ms.split(",")]
-    task = "wikitext2" if args.recipe == "gpt2" else args.task
-    out = Path(args.output_dir)
-    runs = []
-    for m in ms:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            extra = [] if args.recipe == "gpt2" else ["--task", task]
-            runs.append((f"{task}-{args.variant}-m{m}-s{seed}",
-                         extra + ["--variant", args.variant, "--m", str(m), "--seed", str(seed)] + passthrough))
-    results = run_study(args.recipe, runs, out / "runs")
-    for r, m in zip(results, [m for m in ms for _ in args.seeds.split(",")]):
-        r["m"] = m
-        r["task"] = task
-    rows = summarize(args.recipe, results, ("task", "m"))
-    write_study(args.recipe, results, rows, out, "factorization", "m", None,
-                f"{args.recipe}: MPOE with m local tensors")
-    return rows
+    args, passthrough = parse_study_args(ap, argv)
+    recipe = study_recipe(args.recipe)
+    runs = grid(recipe, tasks=[args.task], variants=[args.variant], ms=int_list(args.ms),
+                seeds=int_list(args.seeds), passthrough=passthrough)
+    return conduct_study(recipe, runs, Path(args.output_dir), group_keys=("task", "m"), name="factorization",
+                         label_key="m", panel_key=None, existing_only=args.existing_only,
+                         title=f"{args.recipe}: MPOE with m local tensors")
 
 
 if __name__ == "__main__":

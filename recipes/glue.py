@@ -22,21 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    RecipeError,
-    Timer,
-    add_moe_args,
-    atomic_output_dir,
-    finish_run,
-    mask_summary,
-    get_task,
-    glue_metrics,
-    load_glue,
-    parameter_summary,
-    prepare_model,
-    run_main,
-    set_seed,
-)
+from glue_data import GlueTask, get_task, glue_metrics, load_glue  # noqa: E402
+from run_io import RecipeError, Timer, atomic_output_dir, finish_run, run_main  # noqa: E402
+from training import add_training_args, make_trainer, run_record, start_run  # noqa: E402
+from variants import add_moe_args, prepare_model  # noqa: E402
 
 import tnmoe.moe as moe  # noqa: E402
 
@@ -52,33 +41,27 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-train-samples", type=int, default=None)
     ap.add_argument("--max-eval-samples", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--epochs", type=float, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=None, help="default 3e-4 (T5) / 5e-5 (encoders)")
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup-ratio", type=float, default=0.06)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--fp16", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--save-model", action="store_true")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_training_args(ap, epochs=3, lr=None, lr_help="default 3e-4 (T5) / 5e-5 (encoders)", warmup_ratio=0.06,
+                      fp16=True)
     add_moe_args(ap)
     return ap
 
 
 # --- data ---------------------------------------------------------------------------------------
-def t5_source(task, ex) -> str:
+def t5_source(task: GlueTask, ex: dict) -> str:
+    """T5 input text, e.g. ``'rte sentence1: ... sentence2: ...'``."""
     return f"{task.name} " + " ".join(f"{k}: {ex[k]}" for k in task.text_keys)
 
 
-def t5_target(task, label) -> str:
+def t5_target(task: GlueTask, label) -> str:
+    """T5 target text: the label word, or the score rounded to 0.2 (``'3.8'``) for STS-B."""
     if task.num_labels == 1:
         return f"{round(float(label) * 5) / 5:.1f}"
     return task.label_words[int(label)]
 
 
-def parse_t5_output(task, text: str):
+def parse_t5_output(task: GlueTask, text: str) -> int | float:
+    """Generated text -> label id (-1 if not a label word) or score (NaN if not a number)."""
     text = text.strip()
     if task.num_labels == 1:
         try:
@@ -136,19 +119,27 @@ def evaluate(model, tok, task, rows, *, seq2seq, max_length, batch_size, device,
     return glue_metrics(task, preds, labels)
 
 
-def main(argv=None, default_model: str = "t5-base") -> dict:
+def study_metrics(result: dict) -> dict[str, float]:
+    """The metrics a study averages: ``test_score`` (mean of the tasks' main metrics) and every
+    task's own metrics under ``<task>_<metric>`` (e.g. ``rte_accuracy``, ``mrpc_f1``)."""
+    out = {"test_score": result["test"]["score"]}
+    for task, metrics in result["test"]["tasks"].items():
+        out.update({f"{task}_{k}": v for k, v in metrics.items() if k != "score"})
+    return out
+
+
+def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
+    """Fine-tune and score one variant; returns (and writes) the ``results.json`` dict."""
     args = build_parser(default_model).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tasks = [get_task(t) for t in args.task.split(",")]
-    set_seed(args.seed)
+    start_run(args)
     splits = {t.name: load_glue(t, args.data_dir, max_train=args.max_train_samples,
                                 max_eval=args.max_eval_samples, split_protocol=args.split_protocol,
                                 seed=args.seed) for t in tasks}
 
     from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                               AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithPadding,
-                              TrainerCallback, TrainingArguments)
+                              TrainerCallback)
 
     try:
         base_cfg = AutoConfig.from_pretrained(args.model)
@@ -165,14 +156,13 @@ def main(argv=None, default_model: str = "t5-base") -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model, num_labels=t.num_labels, ignore_mismatched_sizes=True,
             problem_type="regression" if t.num_labels == 1 else "single_label_classification")
-    model, mask, cfg = prepare_model(model, args, vocab_size=len(tok))
+    model, mask = prepare_model(model, args)
     if not args.quiet:
         moe.print_trainable_parameters(model)
 
     train_ds = encode(tok, [(t, splits[t.name][0]) for t in tasks], seq2seq, args.max_length)
     collator = (DataCollatorForSeq2Seq(tok, model=model) if seq2seq else DataCollatorWithPadding(tok))
     lr = args.lr if args.lr is not None else (3e-4 if seq2seq else 5e-5)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def score_all(split_index: int, desc: str) -> dict:
         per_task = {t.name: evaluate(model, tok, t, splits[t.name][split_index], seq2seq=seq2seq,
@@ -194,19 +184,9 @@ def main(argv=None, default_model: str = "t5-base") -> dict:
             model.train()
 
     with atomic_output_dir(args.output_dir) as out:
-        targs = TrainingArguments(
-            output_dir=str(out / "trainer"), num_train_epochs=args.epochs,
-            per_device_train_batch_size=args.batch_size, learning_rate=lr,
-            weight_decay=args.weight_decay, lr_scheduler_type="linear",
-            warmup_steps=int(args.warmup_ratio * args.epochs * -(-len(train_ds) // args.batch_size)),
-            logging_steps=max(1, len(train_ds) // args.batch_size // 4), save_strategy="no",
-            eval_strategy="no", report_to=[], seed=args.seed, bf16=args.bf16, fp16=args.fp16,
-            disable_tqdm=args.quiet, dataloader_num_workers=0, use_cpu=device == "cpu",
-        )
-        callbacks = [SelectBest()] + ([moe.GradientMaskCallback(mask)] if mask is not None else [])
-        trainer_cls = moe.MoETrainer
-        trainer = trainer_cls(model=model, args=targs, train_dataset=train_ds, data_collator=collator,
-                              callbacks=callbacks)
+        trainer = make_trainer(model, args, out, train_ds, mask, lr=lr, lr_scheduler="linear",
+                               logging_steps=max(1, len(train_ds) // args.batch_size // 4),
+                               data_collator=collator, callbacks=[SelectBest()])
         with Timer() as timer:
             trainer.train()
         if best["state"] is not None:
@@ -220,13 +200,10 @@ def main(argv=None, default_model: str = "t5-base") -> dict:
             "validation_sizes": {t.name: len(splits[t.name][1]) for t in tasks},
             "test_sizes": {t.name: len(splits[t.name][2]) for t in tasks},
             "best_epoch": best["epoch"], "best_validation": best["score"], "history": history,
-            "test": test, "train_seconds": timer.seconds, "test_seconds": test_timer.seconds,
-            "gradient_mask": mask_summary(mask),
-            "moe_config": cfg.to_dict() if cfg is not None else None,
-            "argv": sys.argv[1:] if argv is None else list(argv),
-            **parameter_summary(model),
+            "test": test, "test_seconds": test_timer.seconds,
+            **run_record(model, mask, timer.seconds, argv),
         }
-        finish_run(out, result, model, tok, cfg, args.save_model)
+        finish_run(out, result, model, tok, args.save_model)
     if not args.quiet:
         print(json.dumps({"variant": args.variant, "tasks": result["tasks"], "test": test,
                           "best_validation": best["score"], "train_seconds": round(timer.seconds, 1),

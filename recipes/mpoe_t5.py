@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_main  # noqa: E402
 from glue import main  # noqa: E402
+from run_io import run_main  # noqa: E402
 
 if __name__ == "__main__":
     run_main(lambda: main(default_model="t5-base"))

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PAPER_FACTORS, run_main  # noqa: E402
+from run_io import run_main  # noqa: E402
+from variants import VariantOptions, variant_config  # noqa: E402
 
 import tnmoe.moe as moe  # noqa: E402
 
@@ -40,17 +41,13 @@ def meta_model(name: str):
         return T5ForConditionalGeneration(T5Config(**(T5_BASE if name == "t5-base" else T5_LARGE)))
 
 
-def variant_config(variant: str) -> moe.MoEConfig | None:
-    if variant == "dense":
-        return None
-    if variant == "moe":
-        return moe.MoEConfig(num_experts=8, expert_type="dense", router="topk", top_k=2, router_bias=False)
-    if variant == "switch":
-        return moe.MoEConfig(num_experts=8, expert_type="dense", router="switch")
-    m = int(variant.split("-m")[1]) if "-m" in variant else 5
-    experts = 16 if variant.startswith("mpoe++") else 8
-    return moe.MoEConfig(num_experts=experts, expert_type="mpo", router="switch", share="central", m=m,
-                         factors=PAPER_FACTORS[m])
+def row_config(row_variant: str) -> moe.MoEConfig | None:
+    """The config of a table row: a recipe ``--variant`` with the recipes' defaults, where
+    ``mpoe-m<m>`` is ``--variant mpoe --m <m>`` (the paper's factors for 768/3072)."""
+    variant, sep, m = row_variant.rpartition("-m")
+    if sep and m.isdigit():
+        return variant_config(variant, VariantOptions(m=int(m)))[0]
+    return variant_config(row_variant)[0]
 
 
 ROWS = [
@@ -65,7 +62,7 @@ def table() -> list[dict]:
     for model_name, variants in ROWS:
         for variant in variants:
             model = meta_model(model_name)
-            cfg = variant_config(variant)
+            cfg = row_config(variant)
             if cfg is not None:
                 moe.convert(model, cfg, progress=False)
             c = moe.count_parameters(model)

@@ -11,6 +11,12 @@ def load(p):
     return json.loads(p.read_text()) if p.is_file() else []
 
 
+def task_metric(row, task, metric):
+    """``<task>_<metric>_mean`` of a GLUE summary row; summaries written before the study runner
+    named per-task metrics by their task have one task per row and the plain ``<metric>_mean``."""
+    return row.get(f"{task}_{metric}_mean", row.get(f"{metric}_mean"))
+
+
 def glue_table():
     rows = load("glue_minilm/summary.json")
     if not rows:
@@ -31,7 +37,7 @@ def glue_table():
             if r is None:
                 cells.append("-")
             elif t == "mrpc":
-                cells.append(f"{r['accuracy_mean']:.3f} / {r['f1_mean']:.3f}")
+                cells.append(f"{task_metric(r, t, 'accuracy'):.3f} / {task_metric(r, t, 'f1'):.3f}")
             else:
                 cells.append(f"{r['test_score_mean']:.3f}")
         params = next(iter(sel.values()))["total_params"] / 1e6

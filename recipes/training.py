@@ -1,0 +1,79 @@
+"""The training plumbing ``glue.py`` and ``mpoe_gpt2.py`` share: their run options, the HF
+Trainer with tnmoe's auxiliary loss and gradient mask wired in, and the part of ``results.json``
+every run has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import tnmoe.moe as moe
+from run_io import set_seed
+from variants import parameter_summary
+
+
+def add_training_args(ap: argparse.ArgumentParser, *, epochs: float, lr: float | None, warmup_ratio: float,
+                      lr_help: str | None = None, fp16: bool = False) -> None:
+    """``--epochs --batch-size --lr --weight-decay --warmup-ratio --seed --bf16 [--fp16]
+    --threads --save-model --quiet`` with the recipe's defaults."""
+    ap.add_argument("--epochs", type=float, default=epochs)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=lr, help=lr_help)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--warmup-ratio", type=float, default=warmup_ratio, help="warm-up steps / all steps")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--bf16", action="store_true")
+    if fp16:
+        ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--save-model", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def start_run(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` and ``--seed``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+
+
+def make_trainer(model: torch.nn.Module, args: argparse.Namespace, out: Path, train_dataset,
+                 mask: moe.GradientMask | None, *, lr: float, lr_scheduler: str, logging_steps: int,
+                 data_collator=None, callbacks: Sequence = ()) -> moe.MoETrainer:
+    """A :class:`tnmoe.moe.MoETrainer` (adds the MoE auxiliary loss) for the options of
+    :func:`add_training_args`; ``mask`` is applied before each optimizer step. Checkpoints go
+    nowhere, scratch files to ``out/trainer``; warm-up is ``--warmup-ratio`` of all steps."""
+    from transformers import TrainingArguments
+
+    steps = args.epochs * -(-len(train_dataset) // args.batch_size)
+    targs = TrainingArguments(
+        output_dir=str(out / "trainer"), num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size, learning_rate=lr,
+        weight_decay=args.weight_decay, lr_scheduler_type=lr_scheduler,
+        warmup_steps=int(args.warmup_ratio * steps), logging_steps=logging_steps, save_strategy="no",
+        eval_strategy="no", report_to=[], seed=args.seed, bf16=args.bf16, fp16=getattr(args, "fp16", False),
+        disable_tqdm=args.quiet, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+    )
+    callbacks = list(callbacks) + ([moe.GradientMaskCallback(mask)] if mask is not None else [])
+    return moe.MoETrainer(model=model, args=targs, train_dataset=train_dataset, data_collator=data_collator,
+                          callbacks=callbacks)
+
+
+def mask_summary(mask: moe.GradientMask | None) -> dict | None:
+    """``{"p_b", "steps", "masked_steps"}`` of the gradient mask (``None`` without one)."""
+    return None if mask is None else {"p_b": mask.p_b, "steps": mask.steps, "masked_steps": mask.masked_steps}
+
+
+def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train_seconds: float,
+               argv: Sequence[str] | None) -> dict:
+    """The fields every ``results.json`` has: training wall time (s), the gradient mask's
+    summary, the MoE config (``None`` for dense), the command line and the parameter counts."""
+    cfg = moe.get_moe_config(model)
+    return {"train_seconds": train_seconds, "gradient_mask": mask_summary(mask),
+            "moe_config": cfg.to_dict() if cfg is not None else None,
+            "argv": sys.argv[1:] if argv is None else list(argv), **parameter_summary(model)}
