@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import time
 from typing import Callable
@@ -26,12 +27,14 @@ def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int = 9, warmu
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def write_report(path: str | None, *, device, tokens: int, rows: list[dict]) -> None:
+def write_report(path: str | None, *, device, tokens: int, rows: list[dict], extra: dict | None = None) -> None:
     """Write the benchmark's rows with the run's context (device, torch, threads) as JSON."""
     if not path:
         return
     import torch
 
     with open(path, "w") as fh:
-        json.dump({"device": str(device), "tokens": tokens, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+        device = torch.device(device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        json.dump({"device": str(device), "device_name": name, "tokens": tokens, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), **(extra or {}), "rows": rows}, fh, indent=2)

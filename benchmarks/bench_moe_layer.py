@@ -1,26 +1,39 @@
-"""One MoE FFN layer at GPT-2 size (768/3072, 8 experts, top-1, 4096 tokens), forward+backward.
+"""One MoE FFN layer at GPT-2/T5 size (768/3072, 8 experts, top-1), one training step.
 
-Ratios of medians from interleaved runs in one process, against tnmoe's dense-expert MoE:
-  * tnmoe MPOE (lossless MPO experts, shared central tensor, Switch router), and the same
-    with bonds capped at 64 (a compressed MPOE)
-  * tnmoe dense-expert MoE (same router and dispatch, plain expert matrices)
-  * HF ``SwitchTransformersSparseMLP`` with the same sizes (capacity large enough to drop nothing)
-  * a dense FFN (768 -> 3072 -> 768), the cost floor of one expert processing all tokens
+One timed step = ``--accumulate K`` micro-batches of ``--tokens N`` tokens (forward+backward
+each) plus what happens once per optimizer step; the gradient mask draws before the step
+(``--p-b P``: with probability P the shared central cores get no gradient at all). Ratios of
+medians from interleaved runs in one process:
 
-All layers route without dropping tokens so they do the same work.
+  * ``tnmoe_mpoe``: lossless MPO experts sharing the central tensor (MPOE), Switch router;
+    reconstruction amortized over the K micro-batches (``accumulate_reconstruction``)
+  * ``tnmoe_mpoe_bond64``: the same with bonds capped at ``--max-bond`` (default 64)
+  * ``tnmoe_dense_moe``: the same router and dispatch with plain expert matrices
+  * ``hf_switch``: HF ``SwitchTransformersSparseMLP`` (capacity large enough to drop nothing)
+  * ``dense_ffn``: one dense FFN over all tokens
+  * ``*_eval_cached``: eval-mode forward (no grad) of MPOE with its weight cache (which
+    compares the cores against a snapshot on every call) and of the dense-expert MoE
 
-    python benchmarks/bench_moe_layer.py [--tokens 4096] [--repeats 5] [--device cpu|cuda] [--json out.json]
+``vs_flop_floor``: the layer's time over its floor = the dense-expert MoE's step time plus
+3x the layer's reconstruction FLOPs per step (forward + backward) at the GEMM rate measured in
+this run (a ``(3072, 768) x (768, N/8)`` matmul, an expert's own GEMM).
+
+    python benchmarks/bench_moe_layer.py --tokens N [--accumulate K] [--p-b P] [--max-bond B]
+                                         [--device cpu|cuda] [--dtype float32|bfloat16] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch import nn
 
 from _timing import interleaved, write_report
-from tnmoe.moe import DenseExpertBank, ExpertFFN, MoELayer, MPOExpertBank, SwitchRouter
+from tnmoe.moe import DenseExpertBank, ExpertFFN, GradientMask, MoELayer, MPOExpertBank, SwitchRouter
+from tnmoe.networks import accumulate_reconstruction, mpo_core_shapes
+from tnmoe.networks.chain import chain_plan
 
 D, DFF, E = 768, 3072, 8
 F768, F3072 = [3, 4, 4, 4, 4], [4, 4, 8, 6, 4]
@@ -47,45 +60,127 @@ def hf_switch_layer(tokens: int):
     return SwitchTransformersSparseMLP(cfg)
 
 
+def reconstruction_flops(max_bond: int | None) -> float:
+    """FLOPs of rebuilding every expert's up and down matrices once (the chain path)."""
+    up = chain_plan(tuple(mpo_core_shapes(F768, F3072, max_bond))).flops
+    down = chain_plan(tuple(mpo_core_shapes(F3072, F768, max_bond))).flops
+    return E * (up + down)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch")
+    ap.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--p-b", type=float, default=0.0, help="gradient-mask probability for the MPOE layers")
+    ap.add_argument("--max-bond", type=int, default=64, help="bond cap of the tnmoe_mpoe_bond row")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: autocast (weights stay float32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     torch.manual_seed(0)
+    bond_row = f"tnmoe_mpoe_bond{args.max_bond}"
     layers = {
         "tnmoe_mpoe": tnmoe_layer("mpo").to(dev).train(),
-        "tnmoe_mpoe_bond64": tnmoe_layer("mpo", max_bond=64).to(dev).train(),
+        bond_row: tnmoe_layer("mpo", max_bond=args.max_bond).to(dev).train(),
         "tnmoe_dense_moe": tnmoe_layer("dense").to(dev).train(),
         "hf_switch": hf_switch_layer(args.tokens).to(dev).train(),
         "dense_ffn": nn.Sequential(nn.Linear(D, DFF), nn.GELU(), nn.Linear(DFF, D)).to(dev).train(),
     }
-    x = torch.randn(1, args.tokens, D, device=dev)
+    masks = {k: GradientMask(layers[k], p_b=args.p_b, seed=0) for k in ("tnmoe_mpoe", bond_row)}
+    xs = [torch.randn(1, args.tokens, D, device=dev) for _ in range(args.accumulate)]
 
-    def step(mod):
+    def step(name, mod):
+        mask = masks.get(name)
+
+        def micro(x):
+            with autocast:
+                out = mod(x)
+            out = out[0] if isinstance(out, tuple) else out
+            (out.float().pow(2).mean() / len(xs)).backward()
+
         def f():
             mod.zero_grad(set_to_none=True)
-            out = mod(x)
-            out = out[0] if isinstance(out, tuple) else out
-            out.float().pow(2).mean().backward()
+            if mask is not None:
+                mask.begin_step()  # draw before the forward: masked tensors get no gradient
+            for i, x in enumerate(xs):
+                if isinstance(mod, MoELayer) and len(xs) > 1:
+                    with accumulate_reconstruction(mod, last=i == len(xs) - 1):
+                        micro(x)
+                else:
+                    micro(x)
+            if mask is not None:
+                mask.apply()
         return f
 
-    t = interleaved({k: step(m) for k, m in layers.items()}, repeats=args.repeats, warmup=1, sync=sync)
-    base = t["tnmoe_dense_moe"]
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in layers.items()}
-    print(f"device={dev} torch={torch.__version__} threads={torch.get_num_threads()} tokens={args.tokens} "
-          f"experts={E} top-1, forward+backward, median of {args.repeats} interleaved runs")
+    def evaluate(mod):
+        def f():
+            with torch.no_grad(), autocast:
+                mod(xs[0])
+        return f
+
+    # the GEMM rate: an expert's own matmul at its share of the tokens
+    a = torch.randn(DFF, D, device=dev)
+    b = torch.randn(D, max(args.tokens // E, 1), device=dev)
+
+    def gemm():
+        with autocast:
+            torch.mm(a, b)
+
+    fns = {k: step(k, m) for k, m in layers.items()}
+    eval_layers = {"tnmoe_mpoe_eval_cached": tnmoe_layer("mpo").to(dev).eval(),
+                   "tnmoe_dense_moe_eval": tnmoe_layer("dense").to(dev).eval()}
+    fns.update({k: evaluate(m) for k, m in eval_layers.items()})
+    fns["gemm"] = gemm
+    t0 = time.perf_counter()
+    t = interleaved(fns, repeats=args.repeats, warmup=1, sync=sync)
+    gemm_rate = 2.0 * DFF * D * b.shape[1] / t["gemm"]  # FLOP/s
+    dense = t["tnmoe_dense_moe"]
+    recon = {"tnmoe_mpoe": reconstruction_flops(None), bond_row: reconstruction_flops(args.max_bond)}
+    cache_check = _cache_check_seconds(eval_layers["tnmoe_mpoe_eval_cached"], xs[0], sync)
+    print(f"device={dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}) dtype={args.dtype} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()} tokens={args.tokens} "
+          f"accumulate={args.accumulate} p_b={args.p_b} experts={E} top-1; median of {args.repeats} interleaved "
+          f"steps ({time.perf_counter() - t0:.0f}s); GEMM rate {gemm_rate / 1e9:.1f} GFLOP/s")
     rows = []
     for k in layers:
-        rows.append({"layer": k, "median_s": t[k], "vs_tnmoe_dense_moe": t[k] / base, "vs_hf_switch": t[k] / t["hf_switch"],
-                     "params": params[k]})
-        print(f"{k:>16}: {t[k] / base:5.2f}x tnmoe dense-expert MoE | {t[k] / t['hf_switch']:5.2f}x HF Switch "
-              f"| params {params[k] / 1e6:6.2f}M")
-    write_report(args.json, device=dev, tokens=args.tokens, rows=rows)
+        floor = dense + 3.0 * recon.get(k, 0.0) / gemm_rate
+        rows.append({"layer": k, "median_s": t[k], "vs_tnmoe_dense_moe": t[k] / dense,
+                     "vs_hf_switch": t[k] / t["hf_switch"], "vs_flop_floor": t[k] / floor,
+                     "reconstruction_gflop_per_step": recon.get(k, 0.0) / 1e9,
+                     "params": sum(p.numel() for p in layers[k].parameters())})
+    rows.append({"layer": "tnmoe_mpoe_eval_cached", "median_s": t["tnmoe_mpoe_eval_cached"],
+                 "vs_tnmoe_dense_moe": t["tnmoe_mpoe_eval_cached"] / t["tnmoe_dense_moe_eval"],
+                 "cache_check_s": cache_check, "cache_check_share": cache_check / t["tnmoe_mpoe_eval_cached"]})
+    rows.append({"layer": "tnmoe_dense_moe_eval", "median_s": t["tnmoe_dense_moe_eval"], "vs_tnmoe_dense_moe": 1.0})
+    for r in rows:
+        extra = "".join(f" | {key} {r[key]:.2f}x" for key in ("vs_hf_switch", "vs_flop_floor") if key in r)
+        print(f"{r['layer']:>24}: {r['vs_tnmoe_dense_moe']:5.2f}x tnmoe dense-expert MoE{extra}")
+    print(f"cache check (snapshot comparison of the cores): {1e3 * cache_check:.2f} ms per eval forward "
+          f"({100 * cache_check / t['tnmoe_mpoe_eval_cached']:.1f}% of it)")
+    write_report(args.json, device=dev, tokens=args.tokens, rows=rows,
+                 extra={"accumulate": args.accumulate, "p_b": args.p_b, "dtype": args.dtype,
+                        "gemm_gflops": gemm_rate / 1e9, "max_bond": args.max_bond})
+
+
+def _cache_check_seconds(layer: MoELayer, x: torch.Tensor, sync) -> float:
+    """Median seconds of the cache's staleness check alone (all banks of the layer)."""
+    with torch.no_grad():
+        layer(x)  # fill the caches
+    banks = list(layer.experts.banks().values())
+    times = []
+    for _ in range(9):
+        sync()
+        t0 = time.perf_counter()
+        for bank in banks:
+            assert bank.weight_cache.is_fresh(list(bank.cores))
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 if __name__ == "__main__":

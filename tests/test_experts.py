@@ -191,7 +191,7 @@ def test_mpolinear_cache_sees_edits_through_data():
         fresh = nn.functional.linear(x, naive_matrix(list(layer.cores)), layer.bias)
         torch.testing.assert_close(c, fresh, rtol=1e-5, atol=1e-5)
         layer(x)
-    assert layer._weight_cache.hits >= 1  # unchanged cores are served from the cache
+    assert layer.weight_cache.hits >= 1  # unchanged cores are served from the cache
 
 
 def test_converted_model_cache_sees_ema_style_edits():

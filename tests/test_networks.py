@@ -245,7 +245,7 @@ def test_eval_cache_invalidated_when_core_changes():
     x = torch.randn(4, 16)
     with torch.no_grad():
         y1 = layer(x)
-        assert layer._weight_cache.value is not None
+        assert layer.weight_cache.value is not None
         y1b = layer(x)
         assert torch.equal(y1, y1b)
         layer.cores[0].mul_(2.0)  # in-place change bumps the version counter

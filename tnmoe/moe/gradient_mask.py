@@ -5,6 +5,23 @@ the tensors shared by all experts, i.e. MPOE's central tensors) is discarded ent
 ``.grad`` is set to ``None`` before ``optimizer.step()``, so torch optimizers skip them — no
 gradient step, no momentum/Adam-state update and no decoupled weight decay on that step.
 ``p_b = 1`` freezes them; ``p_b = 0`` is plain training.
+
+Distributed training: under ``torch.distributed`` every rank takes rank 0's decision (each rank
+draws from its own generator, then rank 0's draw is broadcast), so the shared tensors stay
+identical across ranks whatever seed each rank passed. Built from a model, the mask looks its
+tensors up by name when it applies, so parameters replaced after it was built (FSDP2
+``fully_shard``, ``to_empty``, ``load_state_dict(assign=True)``) are the ones masked.
+
+Resuming: the mask's draws depend on its generator and counters, so save them with the
+training state. With the HF ``Trainer``, :class:`tnmoe.moe.GradientMaskCallback` does that. In
+a plain loop::
+
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "mask": mask.state_dict()}, "ckpt.pt")
+    ...
+    state = torch.load("ckpt.pt", weights_only=True)
+    model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"])
+    mask.load_state_dict(state["mask"])      # the next apply() draws what it would have drawn
 """
 
 from __future__ import annotations
@@ -12,6 +29,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .layer import moe_layers
@@ -31,56 +49,128 @@ def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
+def _parameter_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """Names (``model.named_parameters()``) of ``params``, in their order."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"{len(missing)} tensors to mask are not parameters of the model")
+    return [names[id(p)] for p in params]
+
+
+def _collective_device(group) -> torch.device:
+    """Device of the tensor a broadcast over ``group`` needs: CPU for gloo/mpi, CUDA for nccl."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+    return accelerator if accelerator is not None else torch.device("cpu")
+
+
 class GradientMask:
     """Seeded Bernoulli(p_b) mask over a set of parameters' updates.
 
     Args:
-        target: a model (masks :func:`shared_parameters` of it) or an iterable of parameters.
+        target: a model (masks :func:`shared_parameters` of it, looked up by name at each
+            :meth:`apply`, so parameters replaced after construction are still found; wrap
+            and shard the model as you like, but keep the names) or an iterable of parameters
+            (the mask then holds exactly those objects: if they are replaced, e.g. by FSDP or
+            ``load_state_dict(assign=True)``, it masks the stale ones, so build it afterwards).
         p_b: probability of discarding the update at a step, in [0, 1].
-        seed: seed of the mask's own generator (independent of torch's global RNG).
+        seed: seed of the mask's own generator (independent of torch's global RNG). Under
+            ``torch.distributed`` the decision is rank 0's whatever the other ranks' seeds.
+        process_group: the group whose ranks agree on each decision (default: the world).
 
-    Use: after ``loss.backward()`` and before ``optimizer.step()``, call :meth:`apply`.
-    ``masked_steps`` / ``steps`` count what happened.
+    Use: after ``loss.backward()`` and before ``optimizer.step()``, call :meth:`apply` (on every
+    rank: it is a collective under ``torch.distributed``). ``masked_steps`` / ``steps`` count
+    what happened; :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator
+    and counters for exact resumption (see the module docstring).
     """
 
-    def __init__(self, target: nn.Module | Iterable[nn.Parameter], p_b: float = 0.5, *, seed: int = 0) -> None:
+    def __init__(self, target: nn.Module | Iterable[nn.Parameter], p_b: float = 0.5, *, seed: int = 0,
+                 process_group=None) -> None:
         if not 0.0 <= float(p_b) <= 1.0:
             raise ValueError(f"p_b must be a probability in [0, 1], got {p_b}")
         self.p_b = float(p_b)
-        self.params = shared_parameters(target) if isinstance(target, nn.Module) else list(target)
-        if not self.params:
+        if isinstance(target, nn.Module):
+            self._model: nn.Module | None = target
+            self._names: list[str] = _parameter_names(target, shared_parameters(target))
+            self._fixed: list[nn.Parameter] = []
+        else:
+            self._model, self._names, self._fixed = None, [], list(target)
+        if not (self._names or self._fixed):
             raise ValueError(
                 "GradientMask has no tensors to mask: the model's MoE layers share no tensor "
                 "(share='none'?); pass the parameters to mask explicitly"
             )
+        self.process_group = process_group
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.masked_steps = 0
 
+    @property
+    def names(self) -> list[str]:
+        """Names of the masked parameters in the model (empty when built from a parameter list)."""
+        return list(self._names)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The masked parameters as they are now (looked up by name when built from a model)."""
+        if self._model is None:
+            return list(self._fixed)
+        out = []
+        for name in self._names:
+            try:
+                out.append(self._model.get_parameter(name))
+            except AttributeError:
+                raise RuntimeError(
+                    f"GradientMask: the model has no parameter {name!r} any more (it was masked when the mask "
+                    "was built). Keep module and parameter names when wrapping or sharding the model, or "
+                    "build the GradientMask after changing its structure"
+                ) from None
+        return out
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+
     def sample(self) -> bool:
-        """Draw this step's decision: ``True`` means discard the update."""
-        return bool(torch.rand((), generator=self._gen).item() < self.p_b)
+        """Draw this step's decision: ``True`` means discard the update. Under
+        ``torch.distributed`` every rank draws (advancing its generator) and rank 0's draw is
+        returned on all ranks (a broadcast: call it on every rank)."""
+        masked = bool(torch.rand((), generator=self._gen).item() < self.p_b)
+        if not self._distributed():
+            return masked
+        group = self.process_group
+        flag = torch.tensor([int(masked)], dtype=torch.uint8, device=_collective_device(group))
+        dist.broadcast(flag, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        return bool(flag.item())
 
     def apply(self) -> bool:
         """Draw, and if masked set the targets' grads to ``None``. Returns whether it masked."""
+        params = self.params  # resolve first: a missing parameter fails before the draw
         masked = self.sample()
         self.steps += 1
         if masked:
             self.masked_steps += 1
-            for p in self.params:
+            for p in params:
                 p.grad = None
         return masked
 
     def state_dict(self) -> dict:
+        """``{"p_b", "seed", "steps", "masked_steps", "rng"}`` (``rng``: the generator's ``uint8``
+        state tensor); ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it."""
         return {"p_b": self.p_b, "seed": self.seed, "steps": self.steps,
                 "masked_steps": self.masked_steps, "rng": self._gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.p_b, self.seed = state["p_b"], state["seed"]
-        self.steps, self.masked_steps = state["steps"], state["masked_steps"]
+        """Restore what :meth:`state_dict` returned: the next draws continue its sequence."""
+        self.p_b, self.seed = float(state["p_b"]), state["seed"]
+        self.steps, self.masked_steps = int(state["steps"]), int(state["masked_steps"])
         self._gen.set_state(state["rng"])
 
     def __repr__(self) -> str:
-        return (f"GradientMask(p_b={self.p_b}, tensors={len(self.params)}, "
+        return (f"GradientMask(p_b={self.p_b}, tensors={len(self._names) or len(self._fixed)}, "
                 f"masked {self.masked_steps}/{self.steps} steps)")

@@ -1,37 +1,151 @@
-"""transformers integration: the gradient mask as a ``TrainerCallback`` and a ``Trainer`` that
-adds the MoE auxiliary loss."""
+"""transformers integration: the gradient mask as a ``TrainerCallback`` (saved with and restored
+from Trainer checkpoints) and a ``Trainer`` that adds the MoE auxiliary loss, weighted like the
+task loss under gradient accumulation.
+
+Auxiliary loss and gradient accumulation in a plain loop: the auxiliary loss of a micro-batch is a
+mean over its tokens, like a per-batch task loss, so with N micro-batches per optimizer step
+divide both by N::
+
+    for i, batch in enumerate(micro_batches):            # N of them
+        loss = model(**batch).loss + moe.auxiliary_loss(model)
+        (loss / N).backward()
+    mask.apply(); optimizer.step(); optimizer.zero_grad()
+
+If the task loss is already normalized over the whole accumulation window (summed over tokens
+and divided by the window's token count, as transformers models do when given
+``num_items_in_batch``), divide only the auxiliary loss by N.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
+
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .gradient_mask import GradientMask
 from .layer import auxiliary_loss
 
-__all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin"]
+__all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "MASK_STATE_NAME"]
+
+#: file of a Trainer checkpoint folder holding the gradient mask's state
+MASK_STATE_NAME = "tnmoe_gradient_mask.pt"
+
+
+def _save_mask_state(mask: GradientMask, folder: Path, global_step: int) -> None:
+    """Write ``mask.state_dict()`` (with the step it belongs to) into ``folder``, atomically."""
+    path = folder / MASK_STATE_NAME
+    tmp = folder / (MASK_STATE_NAME + ".tmp")
+    torch.save({"global_step": int(global_step), "mask": mask.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_mask_state(mask: GradientMask, folder: Path, global_step: int) -> None:
+    """Restore ``mask`` from the checkpoint ``folder`` of step ``global_step``; ``FileNotFoundError``
+    / ``ValueError`` when the state is missing or belongs to another step."""
+    path = folder / MASK_STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"resuming at step {global_step}: no gradient mask state {path}. Without it the mask would replay "
+            "its draws from the start. Resume from a checkpoint written with GradientMaskCallback; for a "
+            "checkpoint outside args.output_dir use MoETrainer.train(resume_from_checkpoint=path) or set "
+            "callback.resume_from = path"
+        )
+    saved = torch.load(path, weights_only=True)
+    if int(saved["global_step"]) != int(global_step):
+        raise ValueError(f"{path} holds the gradient mask state of step {saved['global_step']}, but training "
+                         f"resumes at step {global_step}")
+    mask.load_state_dict(saved["mask"])
 
 
 class GradientMaskCallback(TrainerCallback):
-    """Applies a :class:`GradientMask` right before each optimizer step (after clipping)."""
+    """Applies a :class:`GradientMask` right before each optimizer step (after clipping), and
+    keeps its state (generator, counters) in Trainer checkpoints for exact resumption.
+
+    ``on_save`` writes ``tnmoe_gradient_mask.pt`` into ``<output_dir>/checkpoint-<step>`` (on
+    the processes that save). When training resumes (``state.global_step > 0`` at
+    ``on_train_begin``), the state is read from ``resume_from`` (set by
+    :class:`MoETrainer` to the checkpoint it resumes from) or else from
+    ``<output_dir>/checkpoint-<global_step>``; a missing state is an error, not a silent replay.
+    """
 
     def __init__(self, mask: GradientMask) -> None:
         self.mask = mask
+        #: checkpoint folder training resumes from (``None``: look in ``args.output_dir``)
+        self.resume_from: str | os.PathLike | None = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.mask.apply()
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return control
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():
+            warnings.warn(f"GradientMaskCallback: checkpoint folder {folder} not found; the mask state of step "
+                          f"{state.global_step} is not saved and resuming from that checkpoint will fail")
+            return control
+        _save_mask_state(self.mask, folder, state.global_step)
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            folder = self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            _load_mask_state(self.mask, Path(folder), state.global_step)
+        return control
+
 
 class MoETrainerMixin:
-    """Mix into any ``Trainer`` subclass (e.g. ``Seq2SeqTrainer``) to add the auxiliary loss."""
+    """Mix into any ``Trainer`` subclass (e.g. ``Seq2SeqTrainer``) to add the auxiliary loss.
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        out = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        loss, outputs = out
+    The training loss is ``task loss + scale * tnmoe.moe.auxiliary_loss(model)`` where ``scale``
+    (:meth:`auxiliary_loss_scale`) makes the auxiliary loss count once per optimizer step under
+    gradient accumulation, exactly like the task loss: transformers divides the returned loss
+    by the number of accumulation steps only when the task loss is not already normalized over
+    the accumulation window (``model_accepts_loss_kwargs`` and ``num_items_in_batch``, or
+    ``compute_loss_func``, or ``loss_is_scaled_for_ga``); in those cases the auxiliary loss
+    (a per-micro-batch mean) is divided here. It is not multiplied by the number of processes
+    under ``average_tokens_across_devices``: DDP's gradient averaging already makes it the mean
+    over ranks. Also resumes :class:`GradientMaskCallback` state from the checkpoint passed to
+    :meth:`train`.
+    """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        path = resume_from_checkpoint
+        if isinstance(path, bool):
+            path = get_last_checkpoint(self.args.output_dir) if path else None
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, GradientMaskCallback):
+                callback.resume_from = path
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def auxiliary_loss_scale(self, num_items_in_batch=None) -> float:
+        """Factor of the auxiliary loss in this micro-batch's loss: ``1 / accumulation steps``
+        when transformers will not divide the returned loss by them, else 1 (it divides)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
+                or getattr(self, "compute_loss_func", None) is not None
+        if not scaled:
+            return 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        return 1.0 / steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if num_items_in_batch is not None:  # transformers < 4.46 has no such argument
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if model.training:
-            loss = loss + auxiliary_loss(model).to(loss.device)
+            aux = auxiliary_loss(model).to(loss.device)
+            loss = loss + self.auxiliary_loss_scale(num_items_in_batch) * aux
         return (loss, outputs) if return_outputs else loss
 
 
 class MoETrainer(MoETrainerMixin, Trainer):
-    """``Trainer`` whose training loss is ``task loss + tnmoe.moe.auxiliary_loss(model)``."""
+    """``Trainer`` whose training loss is ``task loss + tnmoe.moe.auxiliary_loss(model)``, the
+    auxiliary loss weighted like the task loss under gradient accumulation (see
+    :class:`MoETrainerMixin`)."""

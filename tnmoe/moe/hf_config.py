@@ -14,12 +14,13 @@ checkpoint in ``config.json``:
 
 * without tnmoe, transformers refuses it ("model type `tnmoe` ... does not recognize this
   architecture") instead of returning the base model with freshly initialized FFNs;
-* after ``import tnmoe.moe``, ``AutoConfig`` maps ``"tnmoe"`` to :class:`TnmoeAutoConfig`-like
-  loader class whose ``from_dict`` builds the base config as its ``Tnmoe*`` subclass and
-  registers, for every ``AutoModel*`` class whose mapping has the base config, a subclass of the
-  base model class whose ``__init__`` converts the freshly built model (``init="empty"``), so
-  transformers' loader fills in the trained weights: ``AutoModelForCausalLM.from_pretrained(dir)``
-  returns the trained MoE model.
+* after ``import tnmoe.moe``, ``AutoConfig`` maps ``"tnmoe"`` to a loader class whose
+  ``from_dict`` builds the base config (``CONFIG_MAPPING[base_model_type]``) as its ``Tnmoe*``
+  subclass and registers, for every ``AutoModel*`` class whose mapping has the base config, a
+  subclass of the base model class whose ``__init__`` converts the freshly built model
+  (:func:`tnmoe.moe.persistence.tnmoe_model_class`; weights left empty), so transformers' loader
+  fills in the trained weights: ``AutoModelForCausalLM.from_pretrained(dir)`` returns the
+  trained MoE model.
 
 Importing transformers' ``configuration_auto`` costs ~0.8 s, so ``import tnmoe.moe`` does not do
 it: when transformers is not imported yet, a one-shot import hook registers ``"tnmoe"`` right
@@ -30,19 +31,19 @@ global state.
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.abc
 import importlib.machinery
 import sys
 import warnings
+from typing import Callable
 
 from torch import nn
 
 from .config import MoEConfig
 
 __all__ = ["HF_CONFIG_KEY", "FORMAT", "MODEL_TYPE", "mark_hf_config", "conversion_record", "check_record",
-           "attach_record", "tnmoe_config_class", "tnmoe_model_class", "register_auto_classes"]
+           "attach_record", "tnmoe_config_class", "register_auto_classes", "ensure_auto_registration"]
 
 #: attribute of the transformers config (and key of ``config.json``) holding the conversion record
 HF_CONFIG_KEY = "tnmoe"
@@ -101,7 +102,9 @@ def mark_hf_config(model: nn.Module, config: MoEConfig, modules: list[str]) -> N
     if not _is_hf_config(hf_config):
         return
     attach_record(hf_config, conversion_record(model, config, modules))
-    register_auto_classes(type(hf_config)._tnmoe_base_config)
+    loader = _registered_loader()
+    if loader is not None:  # so AutoModel*.from_config(model.config) builds the converted model
+        loader.register_base(type(hf_config)._tnmoe_base_config)
 
 
 def attach_record(hf_config, record: dict) -> None:
@@ -161,61 +164,6 @@ def tnmoe_config_class(base: type) -> type:
     return type(name, (base,), namespace)
 
 
-def _convert_from_record(model: nn.Module) -> None:
-    from .convert import convert, converted_modules  # convert imports this module
-
-    record = check_record(getattr(model.config, HF_CONFIG_KEY, None), f"{type(model).__name__}.config")
-    convert(model, MoEConfig.from_dict(record["moe_config"]), init="empty", progress=False)
-    names = converted_modules(model)
-    if names != list(record["moe_modules"]):
-        raise ValueError(
-            f"the checkpoint converted {len(record['moe_modules'])} modules ({record['moe_modules'][:3]}...) but "
-            f"converting {type(model).__name__} with its MoEConfig gives {len(names)} ({names[:3]}...); "
-            "the checkpoint was written by a different model class or tnmoe version"
-        )
-
-
-def _model_init(self, config, *args, **kwargs):
-    type(self)._tnmoe_base_model.__init__(self, config, *args, **kwargs)
-    _convert_from_record(self)
-
-
-def _model_reduce_ex(self, protocol):
-    cls = type(self)
-    _, _, *rest = object.__reduce_ex__(self, protocol)
-    return (_new_model, (cls._tnmoe_base_model, cls.config_class._tnmoe_base_config), *rest)
-
-
-def _new_model(base: type, base_config: type):
-    """Unpickle a converted model of a generated class (its state is restored by pickle)."""
-    cls = tnmoe_model_class(base, base_config)
-    return cls.__new__(cls)
-
-
-@functools.cache
-def tnmoe_model_class(base: type, base_config: type | None = None) -> type:
-    """The subclass of the transformers model class ``base`` that transformers' Auto classes
-    build for ``tnmoe`` checkpoints: ``__init__(config)`` builds ``base`` and converts it with the
-    :class:`MoEConfig` recorded in ``config`` (weights left empty for the loader to fill).
-
-    It keeps ``base.__name__`` (``architectures``, loss selection and ``base_model_class`` see
-    the base class); ``config_class`` is ``tnmoe_config_class(base_config or base.config_class)``.
-    """
-    if getattr(base, "_tnmoe_base_model", None) is not None:
-        return base
-    base_config = base_config or base.config_class
-    namespace = {
-        "__module__": __name__,
-        "__qualname__": base.__name__,
-        "__doc__": f"``{base.__name__}`` converted by tnmoe when built (weights come from the checkpoint).",
-        "_tnmoe_base_model": base,
-        "config_class": tnmoe_config_class(base_config),
-        "__init__": _model_init,
-        "__reduce_ex__": _model_reduce_ex,
-    }
-    return type(base.__name__, (base,), namespace)
-
-
 # --- Auto registration ------------------------------------------------------------------------------
 def _auto_model_classes() -> list[type]:
     from transformers.models.auto import modeling_auto
@@ -230,9 +178,13 @@ def _auto_model_classes() -> list[type]:
     return out
 
 
+#: ``model_class_for(M, base_config)``: the converting subclass of transformers model class ``M``
+ModelClassFactory = Callable[[type, type], type]
+
+
 @functools.cache
-def register_auto_classes(base_config: type) -> None:
-    """Register ``tnmoe_model_class(M, base_config)`` for ``tnmoe_config_class(base_config)`` with
+def register_auto_classes(base_config: type, model_class_for: ModelClassFactory) -> None:
+    """Register ``model_class_for(M, base_config)`` for ``tnmoe_config_class(base_config)`` with
     every ``AutoModel*`` class whose mapping sends ``base_config`` to a model class ``M``. Once per
     ``base_config``."""
     config_cls = tnmoe_config_class(base_config)
@@ -242,17 +194,18 @@ def register_auto_classes(base_config: type) -> None:
             continue
         try:
             models = mapping[base_config]
-        except (KeyError, ImportError, AttributeError):  # optional dependency of one mapping entry
+        except (KeyError, ImportError, AttributeError, ValueError):  # an entry needing a missing dependency
             continue
         if isinstance(models, (list, tuple)):
-            converted = type(models)(tnmoe_model_class(m, base_config) for m in models)
+            converted = type(models)(model_class_for(m, base_config) for m in models)
         else:
-            converted = tnmoe_model_class(models, base_config)
+            converted = model_class_for(models, base_config)
         auto.register(config_cls, converted, exist_ok=True)
 
 
-def _loader_config_class():
-    """The class ``AutoConfig`` maps ``"tnmoe"`` to; ``from_dict`` returns a ``Tnmoe*`` config."""
+def _loader_config_class(model_class_for: ModelClassFactory):
+    """The class ``AutoConfig`` maps ``"tnmoe"`` to; ``from_dict`` returns a ``Tnmoe*`` config and
+    registers the converting model classes of its base config (``model_class_for``)."""
     from transformers.configuration_utils import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -271,17 +224,31 @@ def _loader_config_class():
                     "does not know; upgrade transformers"
                 )
             base = CONFIG_MAPPING[base_type]
-            register_auto_classes(base)
+            cls.register_base(base)
             return tnmoe_config_class(base).from_dict(config_dict, **kwargs)
+
+        @staticmethod
+        def register_base(base_config: type) -> None:
+            """Make the ``AutoModel*`` classes build converted models for ``Tnmoe<base_config>``."""
+            register_auto_classes(base_config, model_class_for)
 
     TnmoeConfig.__module__ = __name__
     return TnmoeConfig
 
 
-def _register_auto_config() -> None:
+def _register_auto_config(model_class_for: ModelClassFactory) -> None:
     from transformers.models.auto.configuration_auto import AutoConfig
 
-    AutoConfig.register(MODEL_TYPE, _loader_config_class(), exist_ok=True)
+    AutoConfig.register(MODEL_TYPE, _loader_config_class(model_class_for), exist_ok=True)
+
+
+def _registered_loader():
+    """The loader class registered for ``"tnmoe"`` (``None`` before registration)."""
+    if _AUTO_CONFIG_MODULE not in sys.modules:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[MODEL_TYPE] if MODEL_TYPE in CONFIG_MAPPING else None
 
 
 class _PostImportLoader(importlib.abc.Loader):
@@ -298,12 +265,17 @@ class _PostImportLoader(importlib.abc.Loader):
         self._callback(module)
 
     def __getattr__(self, name):  # get_source, get_filename, ... (tracebacks, inspect)
+        if name == "_loader":
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):
     """One-shot import hook: registers ``"tnmoe"`` with ``AutoConfig`` once transformers has
     imported ``configuration_auto``."""
+
+    def __init__(self, model_class_for: ModelClassFactory) -> None:
+        self._model_class_for = model_class_for
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _AUTO_CONFIG_MODULE:
@@ -318,21 +290,20 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
         if self in sys.meta_path:
             sys.meta_path.remove(self)
         try:
-            _register_auto_config()
+            _register_auto_config(self._model_class_for)
         except Exception as err:  # never break importing transformers
             warnings.warn(f"tnmoe could not register model type {MODEL_TYPE!r} with transformers' "
                           f"AutoConfig ({err}); load converted checkpoints with tnmoe.moe.from_pretrained")
 
 
-def ensure_auto_registration() -> None:
+def ensure_auto_registration(model_class_for: ModelClassFactory) -> None:
     """Register ``"tnmoe"`` with ``AutoConfig`` now if transformers' ``configuration_auto`` is
-    imported, else once it is (import hook). Called on ``import tnmoe.moe``; idempotent."""
+    imported, else once it is (import hook); ``AutoModel*`` classes then build
+    ``model_class_for(M, base_config)`` for converted checkpoints of base model class ``M``.
+    Called on ``import tnmoe.moe`` by :mod:`tnmoe.moe.persistence`, which defines the model
+    classes (this module does not import the conversion code). Idempotent."""
     if _AUTO_CONFIG_MODULE in sys.modules:
-        _register_auto_config()
+        if _registered_loader() is None:
+            _register_auto_config(model_class_for)
     elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
-
-
-
-
-ensure_auto_registration()
+        sys.meta_path.insert(0, _RegisterOnImport(model_class_for))

@@ -134,7 +134,8 @@ class MPOBank(nn.Module):
         #: how :meth:`weights` contracts several matrices: "batched" (one einsum with a matrix
         #: axis), "loop" (one at a time) or "auto" (batched on CUDA, loop elsewhere)
         self.reconstruct_strategy = "auto"
-        self._weight_cache = DerivedTensorCache()
+        #: the inference weight cache (:class:`DerivedTensorCache`; ``hits``/``misses`` count its use)
+        self.weight_cache = DerivedTensorCache()
         self._accumulating: str | None = None  # None, "early" or "last"
         self._accumulation: _Accumulation | None = None
 
@@ -237,7 +238,7 @@ class MPOBank(nn.Module):
                     f"{tuple(theirs.shape)} (stacked={other.batched[k]})"
                 )
             self.cores[k] = theirs
-        self._weight_cache.clear()
+        self.weight_cache.clear()
 
     # -- contraction ---------------------------------------------------------------------------
     def _work(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -320,7 +321,7 @@ class MPOBank(nn.Module):
         (recomputed whenever a core changed), else freshly rebuilt."""
         if not self.use_weight_cache():
             return self.weights()
-        W = self._weight_cache.get(list(self.cores), self._weights_in_core_dtype)
+        W = self.weight_cache.get(list(self.cores), self._weights_in_core_dtype)
         return W.to(self._out_dtype())
 
     def _weights_in_core_dtype(self) -> torch.Tensor:
@@ -328,7 +329,7 @@ class MPOBank(nn.Module):
             return self.weights()
 
     def clear_cache(self) -> None:
-        self._weight_cache.clear()
+        self.weight_cache.clear()
 
     def train(self, mode: bool = True):
         self.clear_cache()

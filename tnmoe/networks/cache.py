@@ -35,6 +35,10 @@ class DerivedTensorCache:
     def _make_key(sources: Sequence[torch.Tensor]):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources)
 
+    def is_fresh(self, sources: Sequence[torch.Tensor]) -> bool:
+        """Whether :meth:`get` would serve the cached value for ``sources`` (the full check)."""
+        return self._fresh(sources, self._make_key(sources))
+
     def _fresh(self, sources: Sequence[torch.Tensor], key) -> bool:
         if self._value is None or key != self._key:
             return False

@@ -1,0 +1,168 @@
+"""HF Trainer integration: exact resumption with the gradient mask, auxiliary loss under
+gradient accumulation."""
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import tnmoe.moe as moe
+from tiny_models import VOCAB, inputs_for, tiny_gpt2
+from tnmoe.moe import GradientMask, MoEConfig
+
+transformers = pytest.importorskip("transformers")
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from tnmoe.moe.hf import MASK_STATE_NAME  # noqa: E402
+
+MPOE = MoEConfig(num_experts=2, m=3, share="central", init_noise=0.05)
+
+
+class Tokens(Dataset):
+    """``n`` fixed random sequences of ``seq`` token ids; ``same=True``: all equal. Labels are the
+    inputs with the first one ignored (-100): a causal LM never predicts it, so the Trainer's
+    token count (``num_items_in_batch``) is the count the model's mean loss divides by, whichever
+    way the Trainer counts (GPT-2's class name does not tell it that the loss shifts labels)."""
+
+    def __init__(self, n=16, seq=10, same=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randint(2, VOCAB, (1 if same else n, seq), generator=g)
+        self.rows = rows.expand(n, seq) if same else rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        labels = self.rows[i].clone()
+        labels[0] = -100
+        return {"input_ids": self.rows[i].clone(), "labels": labels}
+
+
+class StopAt(TrainerCallback):
+    """Stops training after optimizer step ``step`` (its checkpoint is still written)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def _args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=12, per_device_train_batch_size=4, learning_rate=5e-3,
+                weight_decay=0.1, save_strategy="steps", save_steps=4, report_to=[], disable_tqdm=True,
+                use_cpu=True, seed=0, logging_steps=1, dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _run(out, trainer_cls=moe.MoETrainer, stop_at=None, resume=None, mask_seed=0):
+    """Fresh model + mask + trainer, as a new process would build them; returns (model, mask, trainer)."""
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    mask = GradientMask(model, p_b=0.5, seed=mask_seed)
+    callbacks = [moe.GradientMaskCallback(mask)] + ([StopAt(stop_at)] if stop_at else [])
+    trainer = trainer_cls(model=model, args=_args(out), train_dataset=Tokens(), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, mask, trainer
+
+
+def _assert_same_params(a, b):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    different = [n for n in pa if not torch.equal(pa[n], pb[n])]
+    assert not different, f"{len(different)} parameters differ, e.g. {different[:3]}"
+
+
+# --- exact resumption ----------------------------------------------------------------------------
+def test_resume_is_bit_identical(tmp_path):
+    """12 steps in one go == 4 steps, then (fresh model, mask and trainer, as in a new process) 8
+    more resumed from checkpoint-4, written into another output folder."""
+    full, full_mask, _ = _run(tmp_path / "full")
+    assert full_mask.steps == 12 and 0 < full_mask.masked_steps < 12  # p_b = 0.5: a real mixture
+    _run(tmp_path / "first", stop_at=4)
+    resumed, resumed_mask, _ = _run(tmp_path / "resumed", resume=str(tmp_path / "first" / "checkpoint-4"))
+    _assert_same_params(full, resumed)
+    assert (resumed_mask.steps, resumed_mask.masked_steps) == (full_mask.steps, full_mask.masked_steps)
+    assert torch.equal(resumed_mask.state_dict()["rng"], full_mask.state_dict()["rng"])
+    # checkpoint folders are loadable converted models; the last ones are the trained model
+    full.eval()
+    batch = inputs_for(full)
+    with torch.no_grad():
+        ref = full(**batch).logits
+        for folder in (tmp_path / "full" / "checkpoint-12", tmp_path / "resumed" / "checkpoint-12"):
+            loaded = moe.from_pretrained(folder)
+            assert not loaded.training
+            assert torch.equal(loaded(**batch).logits, ref)
+        auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "checkpoint-12")
+        assert torch.equal(auto(**batch).logits, ref)
+
+
+def _draws(n, p_b=0.5, seed=0):
+    """Independent reference: a mask that drew ``n`` times in one go."""
+    mask = GradientMask([torch.nn.Parameter(torch.zeros(1))], p_b=p_b, seed=seed)
+    for _ in range(n):
+        mask.apply()
+    return mask
+
+
+def test_plain_trainer_callback_resumes_mask_from_output_dir(tmp_path):
+    _run(tmp_path, trainer_cls=Trainer, stop_at=4)
+    _, mask, _ = _run(tmp_path, trainer_cls=Trainer, resume=True)  # finds <output_dir>/checkpoint-4
+    reference = _draws(12)
+    assert (mask.steps, mask.masked_steps) == (12, reference.masked_steps)
+    assert torch.equal(mask.state_dict()["rng"], reference.state_dict()["rng"])
+
+
+def test_resume_without_mask_state_fails_clearly(tmp_path):
+    _run(tmp_path, trainer_cls=Trainer, stop_at=4)
+    (tmp_path / "checkpoint-4" / MASK_STATE_NAME).unlink()  # e.g. written by an older tnmoe
+    for trainer_cls in (Trainer, moe.MoETrainer):
+        with pytest.raises(FileNotFoundError, match="no gradient mask state"):
+            _run(tmp_path, trainer_cls=trainer_cls, resume=str(tmp_path / "checkpoint-4"))
+
+
+# --- auxiliary loss under gradient accumulation ----------------------------------------------------
+def _ga_model():
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=2, m=3, init_noise=0.05, load_balancing_coef=1.0)  # aux loss ~ task loss
+    return moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), config, progress=False)
+
+
+def _router_params(model):
+    return {n: p for n, p in model.named_parameters() if ".router." in n}
+
+
+def _reference_step(batch_size, lr):
+    """Independent computation: one plain SGD step on (task + aux) of a single batch."""
+    model = _ga_model().train()
+    rows = Tokens(n=batch_size, same=True)[0]
+    batch = {k: v.expand(batch_size, -1) for k, v in rows.items()}
+    loss = model(**batch).loss + moe.auxiliary_loss(model)
+    loss.backward()
+    return {n: -lr * p.grad for n, p in _router_params(model).items()}, loss.item()
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False], ids=["loss-kwargs", "no-loss-kwargs"])
+@pytest.mark.parametrize("window", [(2, 2), (4, 4), (4, 3)], ids=["2-of-2", "4-of-4", "partial-3-of-4"])
+def test_aux_loss_weighted_like_task_loss_under_accumulation(tmp_path, window, accepts_loss_kwargs):
+    """All examples equal: one optimizer step over N micro-batches of B (``gradient_accumulation_steps``
+    = G >= N; N < G is the last, partial window of an epoch) must give the update and the logged
+    loss of one batch of B, auxiliary loss included."""
+    steps, micro_batches = window
+    lr, batch = 0.5, 2
+    expected_update, expected_loss = _reference_step(batch, lr)
+    model = _ga_model()
+    before = {n: p.detach().clone() for n, p in _router_params(model).items()}
+    args = _args(tmp_path, max_steps=-1, num_train_epochs=1, per_device_train_batch_size=batch,
+                 gradient_accumulation_steps=steps, optim="sgd", learning_rate=lr, weight_decay=0.0,
+                 lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no")
+    trainer = moe.MoETrainer(model=model, args=args, train_dataset=Tokens(n=batch * micro_batches, same=True))
+    trainer.model_accepts_loss_kwargs = accepts_loss_kwargs  # GPT-2 accepts them; emulate a model that does not
+    trainer.train()
+    assert trainer.state.global_step == 1
+    for name, p in _router_params(model).items():
+        torch.testing.assert_close(p.detach() - before[name], expected_update[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}, {micro_batches} micro-batches: {m}")
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected_loss, rel=1e-4)
