@@ -166,3 +166,57 @@ def test_aux_loss_weighted_like_task_loss_under_accumulation(tmp_path, window, a
         torch.testing.assert_close(p.detach() - before[name], expected_update[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m: f"{name}, {micro_batches} micro-batches: {m}")
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+# --- mask-aware backward and amortized reconstruction under the Trainer ---------------------------
+def _plain_loop(begin_step: bool, steps=6):
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False).train()
+    mask = GradientMask(model, p_b=0.5, seed=1)  # draws: F T T F T F
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    torch.manual_seed(1)
+    frozen_grads = []
+    for s in range(steps):
+        batch = inputs_for(model, batch=2, seq=8, seed=s)
+        if begin_step:
+            mask.begin_step()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        frozen_grads.append([p.grad is None for p in mask.params])
+        mask.apply()
+        opt.step()
+        opt.zero_grad()
+    return model, mask, frozen_grads
+
+
+def test_mask_drawn_before_the_step_is_bit_identical_and_skips_the_backward():
+    post, mask_a, _ = _plain_loop(begin_step=False)
+    pre, mask_b, no_grad = _plain_loop(begin_step=True)
+    assert (mask_a.steps, mask_a.masked_steps) == (mask_b.steps, mask_b.masked_steps) == (6, mask_a.masked_steps)
+    assert 0 < mask_a.masked_steps < 6
+    for (n, a), b in zip(post.named_parameters(), pre.parameters()):
+        assert torch.equal(a, b), n
+    # on masked steps the backward computed no gradient at all for the shared cores
+    assert sum(all(flags) for flags in no_grad) == mask_b.masked_steps
+    assert all(p.requires_grad for p in mask_b.params)  # switched back on after each step
+
+
+def test_trainer_amortized_reconstruction_matches_per_micro_batch(tmp_path):
+    results = {}
+    for amortize in (True, False):
+        torch.manual_seed(0)
+        model = moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), MPOE, progress=False)
+        trainer = moe.MoETrainer(model=model, args=_args(tmp_path / str(amortize), max_steps=3, save_strategy="no",
+                                                         gradient_accumulation_steps=3,
+                                                         per_device_train_batch_size=2),
+                                 train_dataset=Tokens(n=32))
+        trainer.amortize_reconstruction = amortize
+        calls = []
+        bank = moe.moe_layers(model)[0][1].experts.up
+        original = bank._rebuild
+        bank._rebuild = lambda *a: calls.append(1) or original(*a)
+        trainer.train()
+        results[amortize] = ({n: p.detach().clone() for n, p in model.named_parameters()}, len(calls))
+    (amortized, rebuilds), (plain, plain_rebuilds) = results[True], results[False]
+    assert (rebuilds, plain_rebuilds) == (3, 9)  # once per optimizer step vs once per micro-batch
+    for n in plain:
+        torch.testing.assert_close(amortized[n], plain[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")

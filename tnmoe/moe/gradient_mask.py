@@ -84,7 +84,12 @@ class GradientMask:
         process_group: the group whose ranks agree on each decision (default: the world).
 
     Use: after ``loss.backward()`` and before ``optimizer.step()``, call :meth:`apply` (on every
-    rank: it is a collective under ``torch.distributed``). ``masked_steps`` / ``steps`` count
+    rank: it is a collective under ``torch.distributed``). Optionally call :meth:`begin_step`
+    before the step's first forward: the decision is then drawn up front and, on a masked step,
+    the masked tensors get no gradient at all (``requires_grad`` off for the step), so the
+    backward skips their contractions; parameters end bit-identical to drawing in
+    :meth:`apply`. (Under DDP this needs ``find_unused_parameters=True``, the HF Trainer's
+    default without gradient checkpointing.) ``masked_steps`` / ``steps`` count
     what happened; :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator
     and counters for exact resumption (see the module docstring).
     """
@@ -110,6 +115,8 @@ class GradientMask:
         self._gen = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.masked_steps = 0
+        self._pending: bool | None = None  # drawn by begin_step, consumed by apply
+        self._frozen: list[nn.Parameter] = []
 
     @property
     def names(self) -> list[str]:
@@ -148,10 +155,31 @@ class GradientMask:
         dist.broadcast(flag, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
         return bool(flag.item())
 
+    def begin_step(self) -> bool:
+        """Draw this step's decision before its forward; if masked, switch ``requires_grad``
+        off on the targets until :meth:`apply`, so no gradient is computed for them. Returns
+        whether the step is masked. Calling it again before :meth:`apply` keeps the decision."""
+        if self._pending is not None:
+            return self._pending
+        params = self.params
+        self._pending = self.sample()
+        if self._pending:
+            self._frozen = [p for p in params if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        return self._pending
+
     def apply(self) -> bool:
-        """Draw, and if masked set the targets' grads to ``None``. Returns whether it masked."""
+        """Take this step's decision (drawn now, or by :meth:`begin_step`) and if masked set
+        the targets' grads to ``None``. Returns whether it masked."""
         params = self.params  # resolve first: a missing parameter fails before the draw
-        masked = self.sample()
+        if self._pending is None:
+            masked = self.sample()
+        else:
+            masked, self._pending = self._pending, None
+            for p in self._frozen:
+                p.requires_grad_(True)
+            self._frozen = []
         self.steps += 1
         if masked:
             self.masked_steps += 1

@@ -26,6 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..networks import accumulate_reconstruction
 from .gradient_mask import GradientMask
 from .layer import auxiliary_loss
 
@@ -62,8 +63,10 @@ def _load_mask_state(mask: GradientMask, folder: Path, global_step: int) -> None
 
 
 class GradientMaskCallback(TrainerCallback):
-    """Applies a :class:`GradientMask` right before each optimizer step (after clipping), and
-    keeps its state (generator, counters) in Trainer checkpoints for exact resumption.
+    """Draws a :class:`GradientMask`'s decision at the start of each optimizer step (so masked
+    tensors get no gradient in that step's backward, :meth:`GradientMask.begin_step`) and
+    applies it right before the optimizer step (after clipping); keeps its state (generator,
+    counters) in Trainer checkpoints for exact resumption.
 
     ``on_save`` writes ``tnmoe_gradient_mask.pt`` into ``<output_dir>/checkpoint-<step>`` (on
     the processes that save). When training resumes (``state.global_step > 0`` at
@@ -76,6 +79,10 @@ class GradientMaskCallback(TrainerCallback):
         self.mask = mask
         #: checkpoint folder training resumes from (``None``: look in ``args.output_dir``)
         self.resume_from: str | os.PathLike | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.mask.begin_step()
+        return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.mask.apply()
@@ -112,7 +119,20 @@ class MoETrainerMixin:
     under ``average_tokens_across_devices``: DDP's gradient averaging already makes it the mean
     over ranks. Also resumes :class:`GradientMaskCallback` state from the checkpoint passed to
     :meth:`train`.
+
+    With ``gradient_accumulation_steps > 1`` every micro-batch runs inside
+    :func:`tnmoe.networks.accumulate_reconstruction`: MPO weights are rebuilt once per optimizer
+    step and their gradient reaches the cores once, at the step's last micro-batch (set
+    ``amortize_reconstruction = False`` on the trainer to rebuild per micro-batch).
     """
+
+    amortize_reconstruction: bool = True
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if not self.amortize_reconstruction or self.args.gradient_accumulation_steps <= 1:
+            return super().training_step(model, inputs, *args, **kwargs)
+        with accumulate_reconstruction(model, last=bool(self.accelerator.sync_gradients)):
+            return super().training_step(model, inputs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         path = resume_from_checkpoint
