@@ -123,12 +123,20 @@ def chain_reconstruct(cores: Sequence[torch.Tensor], batched: Sequence[bool], pl
         Wp = torch.matmul(C.reshape(*E, o_c * i_c, r2), R)
     elif plan.right_first:
         T = torch.matmul(C.reshape(*E, r * o_c * i_c, r2), R)  # (E?, r B, D)
-        Wp = torch.matmul(L, T.reshape(*T.shape[:-2], r, o_c * i_c * o_r * i_r))
+        T = T.reshape(*T.shape[:-2], r, o_c * i_c * o_r * i_r)
+        # W'^T = T^T L^T: a tall-skinny GEMM (measured ~2x the BLAS rate of L @ T on CPU), whose
+        # (o_c, i_c, o_R, i_R, o_L, i_L) layout the final permutation absorbs
+        Wt = torch.matmul(T.transpose(-2, -1), L.transpose(-2, -1))
+        lead_shape = Wt.shape[:-2]
+        n = len(lead_shape)
+        Wt = Wt.reshape(*lead_shape, o_c, i_c, o_r, i_r, o_l, i_l)
+        Wt = Wt.permute(*range(n), n + 4, n, n + 2, n + 5, n + 1, n + 3)
+        return Wt.reshape(*lead_shape, o_l * o_c * o_r, i_l * i_c * i_r)
     else:
         U = torch.matmul(L, C.reshape(*E, r, o_c * i_c * r2))  # (E?, A, B r')
         Wp = torch.matmul(U.reshape(*U.shape[:-2], o_l * i_l * o_c * i_c, r2), R)
-    lead_shape = Wp.shape[:-2] if Wp.dim() > 2 else ()
-    Wp = Wp.reshape(*lead_shape, o_l, i_l, o_c, i_c, o_r, i_r)
+    lead_shape = Wp.shape[:-2]
     n = len(lead_shape)
+    Wp = Wp.reshape(*lead_shape, o_l, i_l, o_c, i_c, o_r, i_r)
     Wp = Wp.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5)
     return Wp.reshape(*lead_shape, o_l * o_c * o_r, i_l * i_c * i_r)
