@@ -188,3 +188,26 @@ def test_dense_bank_uses_the_same_grouped_path():
         bank.grouped_impl = impl
         y = bank(x, torch.tensor([2, 0, 7]))
         torch.testing.assert_close(y, torch.cat([x[:2] @ bank.weight[0].T, x[2:] @ bank.weight[2].T]))
+
+
+@pytest.mark.slow
+def test_compiled_converted_model_hits_no_recompile_limit():
+    """A converted GPT-2 under torch.compile sees 12 different sequence lengths: the stream /
+    rebuild decision is one cached threshold comparison, so dynamic shapes do not recompile
+    per length (failing on the recompile limit instead of silently falling back to eager)."""
+    import torch._dynamo.config as dynamo_config
+
+    torch._dynamo.reset()
+    model = moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+                        moe.MoEConfig(num_experts=2, m=3, capacity_factor=None, drop_tokens=False),
+                        progress=False).eval()
+    compiled = torch.compile(model)
+    old = dynamo_config.fail_on_recompile_limit_hit
+    dynamo_config.fail_on_recompile_limit_hit = True
+    try:
+        for seq in range(4, 40, 3):
+            batch = inputs_for(model, batch=2, seq=seq)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+    finally:
+        dynamo_config.fail_on_recompile_limit_hit = old

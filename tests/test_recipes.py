@@ -525,3 +525,15 @@ def test_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     diff = float(out.split("max |output difference| = ")[1].split()[0])
     assert diff < 1e-4 and "== summary" in out
+
+
+@pytest.mark.parametrize("variant", sorted(variants.VARIANTS))
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_glue_recipe_mixed_precision_every_variant(tiny_dirs, tmp_path, variant, precision):
+    """The recipes' --bf16/--fp16 flags (HF Trainer autocast) train and evaluate every variant."""
+    out = tmp_path / "run"
+    r = glue.main(_glue_args(tiny_dirs / "bert", out, "--task", "mrpc", "--variant", variant,
+                             "--factors", TINY_FACTORS, precision))
+    m = r["test"]["tasks"]["mrpc"]
+    assert r["variant"] == variant and 0.0 <= m["accuracy"] <= 1.0
+    assert len(r["history"]) == 1 and np.isfinite(r["history"][0]["score"])
