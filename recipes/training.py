@@ -13,16 +13,18 @@ from typing import Sequence
 import torch
 
 import tnmoe.moe as moe
-from run_io import set_seed
+from run_io import RecipeError, set_seed
 from variants import parameter_summary
 
 
 def add_training_args(ap: argparse.ArgumentParser, *, epochs: float, lr: float | None, warmup_ratio: float,
                       lr_help: str | None = None, fp16: bool = False) -> None:
-    """``--epochs --batch-size --lr --weight-decay --warmup-ratio --seed --bf16 [--fp16]
+    """``--epochs --batch-size --gradient-accumulation-steps --lr --weight-decay --warmup-ratio --seed --bf16 [--fp16]
     --threads --save-model --quiet`` with the recipe's defaults."""
     ap.add_argument("--epochs", type=float, default=epochs)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="per micro-batch")
+    ap.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                    help="micro-batches per optimizer step (MPO weights are rebuilt once per step)")
     ap.add_argument("--lr", type=float, default=lr, help=lr_help)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--warmup-ratio", type=float, default=warmup_ratio, help="warm-up steps / all steps")
@@ -50,10 +52,13 @@ def make_trainer(model: torch.nn.Module, args: argparse.Namespace, out: Path, tr
     nowhere, scratch files to ``out/trainer``; warm-up is ``--warmup-ratio`` of all steps."""
     from transformers import TrainingArguments
 
-    steps = args.epochs * -(-len(train_dataset) // args.batch_size)
+    accumulate = getattr(args, "gradient_accumulation_steps", 1)
+    if accumulate < 1:
+        raise RecipeError(f"--gradient-accumulation-steps must be >= 1, got {accumulate}")
+    steps = args.epochs * -(-len(train_dataset) // (args.batch_size * accumulate))
     targs = TrainingArguments(
         output_dir=str(out / "trainer"), num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size, learning_rate=lr,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=accumulate, learning_rate=lr,
         weight_decay=args.weight_decay, lr_scheduler_type=lr_scheduler,
         warmup_steps=int(args.warmup_ratio * steps), logging_steps=logging_steps, save_strategy="no",
         eval_strategy="no", report_to=[], seed=args.seed, bf16=args.bf16, fp16=getattr(args, "fp16", False),

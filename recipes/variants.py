@@ -52,7 +52,7 @@ class VariantOptions:
     max_bond: int | None = None
     p_b: float = 0.5
     lb_coef: float = 0.01
-    capacity_factor: float = 1.25
+    capacity_factor: float | None = 1.25
     init_noise: float = 0.0
     target_modules: tuple[str, ...] | None = None
 
@@ -86,6 +86,16 @@ def variant_config(variant: str, options: VariantOptions = _DEFAULTS) -> tuple[m
 
 
 # --- command line -------------------------------------------------------------------------------
+def _capacity(text: str) -> float | None:
+    """``--capacity-factor``: a positive number, or ``none`` (keep every token)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}") from None
+
+
 def add_moe_args(ap: argparse.ArgumentParser) -> None:
     """``--variant`` and the :class:`VariantOptions` flags (defaults from :class:`VariantOptions`)."""
     g = ap.add_argument_group("MoE")
@@ -99,7 +109,8 @@ def add_moe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--max-bond", type=int, default=_DEFAULTS.max_bond, help="bond cap (default lossless)")
     g.add_argument("--p-b", type=float, default=_DEFAULTS.p_b, help="gradient-mask probability for MPOE variants")
     g.add_argument("--lb-coef", type=float, default=_DEFAULTS.lb_coef, help="load-balancing loss weight")
-    g.add_argument("--capacity-factor", type=float, default=_DEFAULTS.capacity_factor)
+    g.add_argument("--capacity-factor", type=_capacity, default=_DEFAULTS.capacity_factor,
+                   help="training expert capacity factor; 'none' keeps every token (no dropping)")
     g.add_argument("--init-noise", type=float, default=_DEFAULTS.init_noise)
     g.add_argument("--target-modules", default=None, help="comma-separated module names (peft style)")
 

@@ -537,3 +537,11 @@ def test_glue_recipe_mixed_precision_every_variant(tiny_dirs, tmp_path, variant,
     m = r["test"]["tasks"]["mrpc"]
     assert r["variant"] == variant and 0.0 <= m["accuracy"] <= 1.0
     assert len(r["history"]) == 1 and np.isfinite(r["history"][0]["score"])
+
+
+def test_glue_recipe_gradient_accumulation(tiny_dirs, tmp_path):
+    """--gradient-accumulation-steps: fewer optimizer steps (the mask counts them), same rows."""
+    r = glue.main(_glue_args(tiny_dirs / "bert", tmp_path / "run", "--task", "mrpc", "--variant", "mpoe",
+                             "--factors", TINY_FACTORS, "--batch-size", "4", "--gradient-accumulation-steps", "2"))
+    assert r["train_samples"] == 16
+    assert r["gradient_mask"]["steps"] == 2  # 16 rows / (4 x 2) per optimizer step
