@@ -18,6 +18,7 @@ from torch import nn
 
 import tnmoe.moe as moe
 import tnmoe.moe.persistence as persistence
+from tiny_ffn import TinyFFN, tiny_ffn_registered
 from tiny_models import inputs_for, tiny_bert, tiny_gpt2, tiny_t5
 from tnmoe.moe import MoEConfig
 
@@ -145,26 +146,14 @@ def test_checkpoints_of_earlier_tnmoe_versions_load(tmp_path):
         assert torch.equal(_out(moe.from_pretrained(folder, tiny_gpt2()), batch), _out(model, batch))
 
 
-class CkptFFN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-class CkptFFNAdapter(moe.FFNAdapter):
-    def extract(self, module):
-        return moe.FFNSpec(up=module.a.weight, down=module.b.weight, activation=torch.relu,
-                           up_bias=module.a.bias, down_bias=module.b.bias)
-
-
-moe.register_adapter(CkptFFN, CkptFFNAdapter())
+@pytest.fixture(autouse=True)
+def _tiny_ffn_adapter():
+    with tiny_ffn_registered():
+        yield
 
 
 def _plain_net():
-    return nn.Sequential(nn.Linear(4, 8), CkptFFN(), nn.Linear(8, 2))
+    return nn.Sequential(nn.Linear(4, 8), TinyFFN(), nn.Linear(8, 2))
 
 
 def test_plain_module_round_trip(tmp_path):

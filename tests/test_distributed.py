@@ -15,28 +15,9 @@ from torch import nn
 
 import tnmoe.moe as moe
 from tnmoe.moe import GradientMask, MoEConfig
+from tiny_ffn import TinyFFN, tiny_ffn_registered
 
 D_MODEL, D_FF = 8, 16
-
-
-class DistFFN(nn.Module):
-    """A plain FFN ``down(gelu(up(x)))``: ``(..., 8) -> (..., 8)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(D_MODEL, D_FF), nn.Linear(D_FF, D_MODEL)
-
-    def forward(self, x):
-        return self.down(nn.functional.gelu(self.up(x)))
-
-
-class DistFFNAdapter(moe.FFNAdapter):
-    def extract(self, module):
-        return moe.FFNSpec(up=module.up.weight, down=module.down.weight, activation=nn.functional.gelu,
-                           up_bias=module.up.bias, down_bias=module.down.bias)
-
-
-moe.register_adapter(DistFFN, DistFFNAdapter())
 
 
 class Net(nn.Module):
@@ -45,7 +26,7 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(4, D_MODEL)
-        self.blocks = nn.ModuleList([DistFFN(), DistFFN()])
+        self.blocks = nn.ModuleList([TinyFFN(D_MODEL, D_FF), TinyFFN(D_MODEL, D_FF)])
         self.head = nn.Linear(D_MODEL, 1)
 
     def forward(self, x):
@@ -60,7 +41,8 @@ def _model():
     torch.manual_seed(0)
     config = MoEConfig(num_experts=2, factors={D_MODEL: [2, 2, 2], D_FF: [2, 2, 4]}, share="central",
                        init_noise=0.1, router="topk", top_k=1, drop_tokens=False)
-    return moe.convert(Net(), config, progress=False).train()
+    with tiny_ffn_registered():
+        return moe.convert(Net(), config, progress=False).train()
 
 
 def _expert_parameters(model):

@@ -17,6 +17,7 @@ from tnmoe.moe import (
     TopKRouter,
     count_parameters,
 )
+from tiny_ffn import TinyFFN, tiny_ffn_registered
 from tiny_models import inputs_for, tiny_bert, tiny_gpt2, tiny_t5
 
 T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
@@ -415,27 +416,12 @@ def test_bad_inputs():
 
 
 def test_register_custom_adapter():
-    class MyFFN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
-    class MyAdapter(moe.FFNAdapter):
-        def extract(self, module):
-            return moe.FFNSpec(up=module.a.weight, down=module.b.weight, activation=torch.relu,
-                               up_bias=module.a.bias, down_bias=module.b.bias)
-
-    moe.register_adapter(MyFFN, MyAdapter())
-    try:
-        net = nn.Sequential(MyFFN(), nn.Identity()).eval()
+    with tiny_ffn_registered():  # register_adapter, then unregister_adapter on the way out
+        assert "TinyFFN" in moe.registered_adapters()
+        net = nn.Sequential(TinyFFN(), nn.Identity()).eval()
         x = torch.randn(5, 8)
         ref = net(x)
         moe.convert(net, MoEConfig(num_experts=2, m=2), progress=False)
         assert isinstance(net[0], MoELayer)
         torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
-    finally:
-        moe.unregister_adapter(MyFFN)
-    assert "MyFFN" not in moe.registered_adapters()
+    assert "TinyFFN" not in moe.registered_adapters()
