@@ -112,7 +112,7 @@ class MPOExpertBank(MPOBank):
             counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
             pieces = torch.split(x, counts)
             return torch.cat([self.stream(pieces[e], e) for e in range(self.num_experts) if counts[e] > 0], 0)
-        W = self.weights_for_inference() if use_cache else self.weights()
+        W = self.weights_for_inference()  # cached when use_cache, else rebuilt
         return grouped_linear(x, W, counts, self.grouped_impl)
 
     def extra_repr(self) -> str:

@@ -90,7 +90,7 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
     if isinstance(router, TopKRouter) and load:
         router.reset_parameters(generator)  # seeded: conversions are reproducible
     router.to(device=device)
-    return MoELayer(router=router, experts=experts, load_balancing_coef=config.load_balancing_coef or 0.0,
+    return MoELayer(router=router, experts=experts, load_balancing_coef=config.load_balancing_coef,
                     z_loss_coef=config.z_loss_coef, output_dropout=spec.output_dropout)
 
 
@@ -155,9 +155,10 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a tnmoe.moe.MoEConfig, got {type(config).__name__}")
     config.validate()
-    if moe_layers(model):
+    existing = moe_layers(model)
+    if existing:
         raise ValueError(
-            f"this model is already converted ({len(moe_layers(model))} MoE layers); convert the "
+            f"this model is already converted ({len(existing)} MoE layers); convert the "
             "original model, or load a converted checkpoint with tnmoe.moe.from_pretrained"
         )
     targets = find_target_modules(model, config.target_modules)

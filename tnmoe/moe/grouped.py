@@ -69,7 +69,7 @@ def _grouped_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, W: torch.Te
     grad_x = _forward(grad, W.transpose(-2, -1), counts, impl) if need_x else x.new_zeros(0)
     if not need_w:
         return grad_x, W.new_zeros(0)
-    if _use_grouped_mm(impl, grad, x):  # ragged contraction dim: (out, A) x (A, in) per group
+    if _use_grouped_mm(impl, x, W):  # ragged contraction dim: (out, A) x (A, in) per group
         return grad_x, torch._grouped_mm(grad.t(), x, offs=_offsets(counts))
     grad_w = torch.zeros_like(W)
     start = 0

@@ -51,7 +51,7 @@ class DerivedTensorCache:
             with torch.no_grad():
                 self._value = fn()
                 self._snapshot = [s.detach().clone() for s in sources]
-            self._key = self._make_key(sources)
+            self._key = key
             self.misses += 1
         else:
             self.hits += 1

@@ -179,7 +179,7 @@ class MPOLinear(MPOBank):
             if bias is not None:
                 y = y + bias.to(y.dtype)
         else:
-            W = self.weights_for_inference()[0] if use_cache else self.weight
+            W = self.weights_for_inference()[0]  # cached when use_cache, else rebuilt
             y = nn.functional.linear(x2, W, bias)
         return y.reshape(*lead, self.out_features)
 
