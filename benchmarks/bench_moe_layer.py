@@ -11,6 +11,9 @@ medians from interleaved runs in one process:
   * ``tnmoe_dense_moe``: the same router and dispatch with plain expert matrices
   * ``hf_switch``: HF ``SwitchTransformersSparseMLP`` (capacity large enough to drop nothing)
   * ``dense_ffn``: one dense FFN over all tokens
+  * ``tnmoe_mpoe_masked``: lossless MPOE on a step the gradient mask skips (``p_b = 1``: the
+    central cores get no gradient), timed in the same run; ``vs_unmasked`` = its time over
+    ``tnmoe_mpoe``'s (meaningful with the default ``--p-b 0``)
   * ``*_eval_cached``: eval-mode forward (no grad) of MPOE with its weight cache (which
     compares the cores against a snapshot on every call) and of the dense-expert MoE
 
@@ -60,6 +63,11 @@ def hf_switch_layer(tokens: int):
     return SwitchTransformersSparseMLP(cfg)
 
 
+# a masked step skips the central core's gradient: for the lossless chain L @ (C @ R) that is one
+# (r B, r') x (r', D) GEMM of the forward's 1.359 GMAC, i.e. 0.906 / 1.359 = 2/3 of a forward
+MASKED_SAVING = 2.0 / 3.0
+
+
 def reconstruction_flops(max_bond: int | None) -> float:
     """FLOPs of rebuilding every expert's up and down matrices once (the chain path)."""
     up = chain_plan(tuple(mpo_core_shapes(F768, F3072, max_bond))).flops
@@ -90,8 +98,10 @@ def main() -> None:
         "tnmoe_dense_moe": tnmoe_layer("dense").to(dev).train(),
         "hf_switch": hf_switch_layer(args.tokens).to(dev).train(),
         "dense_ffn": nn.Sequential(nn.Linear(D, DFF), nn.GELU(), nn.Linear(DFF, D)).to(dev).train(),
+        "tnmoe_mpoe_masked": tnmoe_layer("mpo").to(dev).train(),
     }
     masks = {k: GradientMask(layers[k], p_b=args.p_b, seed=0) for k in ("tnmoe_mpoe", bond_row)}
+    masks["tnmoe_mpoe_masked"] = GradientMask(layers["tnmoe_mpoe_masked"], p_b=1.0, seed=0)
     xs = [torch.randn(1, args.tokens, D, device=dev) for _ in range(args.accumulate)]
 
     def step(name, mod):
@@ -140,7 +150,8 @@ def main() -> None:
     t = interleaved(fns, repeats=args.repeats, warmup=1, sync=sync)
     gemm_rate = 2.0 * DFF * D * b.shape[1] / t["gemm"]  # FLOP/s
     dense = t["tnmoe_dense_moe"]
-    recon = {"tnmoe_mpoe": reconstruction_flops(None), bond_row: reconstruction_flops(args.max_bond)}
+    recon = {"tnmoe_mpoe": reconstruction_flops(None), bond_row: reconstruction_flops(args.max_bond),
+             "tnmoe_mpoe_masked": reconstruction_flops(None)}
     cache_check = _cache_check_seconds(eval_layers["tnmoe_mpoe_eval_cached"], xs[0], sync)
     print(f"device={dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}) dtype={args.dtype} "
           f"torch={torch.__version__} threads={torch.get_num_threads()} tokens={args.tokens} "
@@ -148,17 +159,20 @@ def main() -> None:
           f"steps ({time.perf_counter() - t0:.0f}s); GEMM rate {gemm_rate / 1e9:.1f} GFLOP/s")
     rows = []
     for k in layers:
-        floor = dense + 3.0 * recon.get(k, 0.0) / gemm_rate
+        floor = dense + (3.0 if k != "tnmoe_mpoe_masked" else 3.0 - MASKED_SAVING) * recon.get(k, 0.0) / gemm_rate
         rows.append({"layer": k, "median_s": t[k], "vs_tnmoe_dense_moe": t[k] / dense,
                      "vs_hf_switch": t[k] / t["hf_switch"], "vs_flop_floor": t[k] / floor,
                      "reconstruction_gflop_per_step": recon.get(k, 0.0) / 1e9,
                      "params": sum(p.numel() for p in layers[k].parameters())})
+        if k == "tnmoe_mpoe_masked":
+            rows[-1]["vs_unmasked"] = t[k] / t["tnmoe_mpoe"]
     rows.append({"layer": "tnmoe_mpoe_eval_cached", "median_s": t["tnmoe_mpoe_eval_cached"],
                  "vs_tnmoe_dense_moe": t["tnmoe_mpoe_eval_cached"] / t["tnmoe_dense_moe_eval"],
                  "cache_check_s": cache_check, "cache_check_share": cache_check / t["tnmoe_mpoe_eval_cached"]})
     rows.append({"layer": "tnmoe_dense_moe_eval", "median_s": t["tnmoe_dense_moe_eval"], "vs_tnmoe_dense_moe": 1.0})
     for r in rows:
-        extra = "".join(f" | {key} {r[key]:.2f}x" for key in ("vs_hf_switch", "vs_flop_floor") if key in r)
+        extra = "".join(f" | {key} {r[key]:.2f}x" for key in ("vs_hf_switch", "vs_flop_floor", "vs_unmasked")
+                        if key in r)
         print(f"{r['layer']:>24}: {r['vs_tnmoe_dense_moe']:5.2f}x tnmoe dense-expert MoE{extra}")
     print(f"cache check (snapshot comparison of the cores): {1e3 * cache_check:.2f} ms per eval forward "
           f"({100 * cache_check / t['tnmoe_mpoe_eval_cached']:.1f}% of it)")

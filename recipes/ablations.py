@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = grid(recipe, tasks=args.tasks.split(","), variants=variants, ms=[args.m], seeds=seeds,
                 passthrough=passthrough)
     return conduct_study(recipe, runs, Path(args.output_dir), group_keys=("task", "variant"), name="summary",
-                         label_key="variant", panel_key="task", existing_only=args.existing_only,
+                         label_key="variant", panel_key="task", existing_only=args.existing_only, wait=args.wait,
                          title=f"{args.recipe}: variants (up to {len(seeds)} seed(s))")
 
 

@@ -1,12 +1,20 @@
-"""Factorization study (MPOE Table 4): MPOE with m = 3, 5, 7, 9 local tensors. Uses the
-paper's factorizations for 768/3072 and balanced ones for other sizes; writes
-``<output-dir>/factorization.{json,csv}``, ``factorization_runs.{json,csv}`` and ``factorization.png``.
+"""Factorization study (MPOE Table 4, extended): MPOE with m = 3, 5, 7, 9 local tensors and
+bond caps (lossless, 256, 64, 16, ...). Uses the paper's factorizations for 768/3072 and
+balanced ones for other sizes. For every (m, bond cap) point it records total and per-expert
+parameters, the relative error of the MPO experts against the pretrained matrices at conversion,
+the task metric after fine-tuning (mean and std over seeds) and the training step time; writes
+``<output-dir>/factorization.{json,csv}``, ``factorization_runs.{json,csv}``,
+``factorization.png`` (metric vs parameters) and ``factorization_pareto.png`` (the same with the
+Pareto front and ``m/bond`` labels).
 
-    python recipes/factorization_study.py --recipe gpt2 --ms 3,5,7,9 --output-dir results/gpt2 \\
+    python recipes/factorization_study.py --recipe gpt2 --ms 3,5,7,9 --max-bonds lossless,256,64,16 \\
+        --seeds 42 --core-seeds 42,43,44 --output-dir results/gpt2 \\
         -- --model runs/base/model --train-file wikitext-2/valid.txt --test-file wikitext-2/test.txt
 
-Arguments after ``--`` go to the recipe unchanged. Runs already present (e.g. from
-``ablations.py`` with the same output folder) are reused.
+``--core-seeds`` (default: ``--seeds``) are the seeds of the m = ``--core-m`` column and the
+lossless row; every other point runs ``--seeds``. Arguments after ``--`` go to the recipe
+unchanged. Runs already present (e.g. from ``ablations.py`` with the same output folder) are
+reused, and the same command started several times side by side shares the runs.
 """
 
 from __future__ import annotations
@@ -17,23 +25,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from registry import STUDY_RECIPES, study_recipe  # noqa: E402
 from run_io import run_main  # noqa: E402
-from studies import conduct_study, grid, int_list, parse_study_args, study_parser  # noqa: E402
+from studies import (conduct_study, grid, int_list, parse_bonds, parse_study_args, pareto_plot,  # noqa: E402
+                     study_parser)
 from variants import VARIANTS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the study; returns its summary rows (one per m)."""
+    """Run the study; returns its summary rows (one per m and bond cap)."""
     ap = study_parser(__doc__, STUDY_RECIPES)
     ap.add_argument("--ms", default="3,5,7,9")
+    ap.add_argument("--max-bonds", default="lossless", help="comma-separated bond caps, 'lossless' for none")
+    ap.add_argument("--core-seeds", default=None, help="seeds of the --core-m column and the lossless row")
+    ap.add_argument("--core-m", type=int, default=5)
     ap.add_argument("--variant", default="mpoe", choices=sorted(VARIANTS))
     ap.add_argument("--task", default="rte", help="GLUE task (ignored for gpt2)")
     args, passthrough = parse_study_args(ap, argv)
     recipe = study_recipe(args.recipe)
+    seeds = int_list(args.seeds)
+    core = int_list(args.core_seeds) if args.core_seeds else seeds
     runs = grid(recipe, tasks=[args.task], variants=[args.variant], ms=int_list(args.ms),
-                seeds=int_list(args.seeds), passthrough=passthrough)
-    return conduct_study(recipe, runs, Path(args.output_dir), group_keys=("task", "m"), name="factorization",
-                         label_key="m", panel_key=None, existing_only=args.existing_only,
-                         title=f"{args.recipe}: MPOE with m local tensors")
+                bonds=parse_bonds(args.max_bonds), seeds=seeds, passthrough=passthrough,
+                seeds_for=lambda m, bond: core if (m == args.core_m or bond is None) else seeds)
+    title = f"{args.recipe}: MPOE with m local tensors and capped bonds"
+    out = Path(args.output_dir)
+    rows = conduct_study(recipe, runs, out, group_keys=("task", "m", "max_bond"), name="factorization",
+                         label_key="m", panel_key=None, existing_only=args.existing_only, wait=args.wait, title=title)
+    if rows:
+        pareto_plot(rows, recipe, out / "factorization_pareto.png",
+                    label=lambda r: f"{r['m']}/{r['max_bond']}", title=title + " (labels m/bond)")
+    return rows
 
 
 if __name__ == "__main__":

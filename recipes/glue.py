@@ -99,7 +99,9 @@ def encode(tok, tasks_and_rows, seq2seq: bool, max_length: int):
 
 # --- evaluation ---------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, tok, task, rows, *, seq2seq, max_length, batch_size, device, desc, quiet):
+def predict(model, tok, task, rows, *, seq2seq, max_length, batch_size, device, desc, quiet):
+    """``(predictions, labels)`` over ``rows``: label ids (classification; -1 for an unparseable
+    T5 answer) or scores (STS-B)."""
     model.eval()
     preds, labels = [], []
     rows = list(rows)
@@ -116,7 +118,12 @@ def evaluate(model, tok, task, rows, *, seq2seq, max_length, batch_size, device,
                       max_length=max_length, padding=True, return_tensors="pt").to(device)
             logits = model(**enc).logits.float()
             preds += (logits[:, 0] if task.num_labels == 1 else logits.argmax(-1)).cpu().tolist()
-    return glue_metrics(task, preds, labels)
+    return preds, labels
+
+
+def evaluate(model, tok, task, rows, **kw) -> dict[str, float]:
+    """The task's GLUE metrics over ``rows`` (see :func:`predict` for the keywords)."""
+    return glue_metrics(task, *predict(model, tok, task, rows, **kw))
 
 
 def study_metrics(result: dict) -> dict[str, float]:
@@ -164,11 +171,19 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
     collator = (DataCollatorForSeq2Seq(tok, model=model) if seq2seq else DataCollatorWithPadding(tok))
     lr = args.lr if args.lr is not None else (3e-4 if seq2seq else 5e-5)
 
-    def score_all(split_index: int, desc: str) -> dict:
-        per_task = {t.name: evaluate(model, tok, t, splits[t.name][split_index], seq2seq=seq2seq,
-                                     max_length=args.max_length, batch_size=max(args.batch_size, 32),
-                                     device=model.device, desc=desc, quiet=args.quiet) for t in tasks}
-        return {"tasks": per_task, "score": float(np.mean([m["score"] for m in per_task.values()]))}
+    def score_all(split_index: int, desc: str, keep_predictions: bool = False) -> dict:
+        per_task, predictions = {}, {}
+        for t in tasks:
+            preds, labels = predict(model, tok, t, splits[t.name][split_index], seq2seq=seq2seq,
+                                    max_length=args.max_length, batch_size=max(args.batch_size, 32),
+                                    device=model.device, desc=desc, quiet=args.quiet)
+            per_task[t.name] = glue_metrics(t, preds, labels)
+            predictions[t.name] = {"predictions": [round(float(p), 5) for p in preds],
+                                   "labels": [float(y) if t.num_labels == 1 else int(y) for y in labels]}
+        res = {"tasks": per_task, "score": float(np.mean([m["score"] for m in per_task.values()]))}
+        if keep_predictions:  # per-example test outputs, for paired significance tests between runs
+            res["examples"] = predictions
+        return res
 
     history: list[dict] = []
     best = {"score": -float("inf"), "state": None, "epoch": None}
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
         if best["state"] is not None:
             model.load_state_dict(best["state"])
         with Timer() as test_timer:
-            test = score_all(2, "test")
+            test = score_all(2, "test", keep_predictions=True)
         result = {
             "model": args.model, "tasks": [t.name for t in tasks], "variant": args.variant,
             "seed": args.seed, "epochs": args.epochs, "lr": lr, "batch_size": args.batch_size,
@@ -201,11 +216,11 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
             "test_sizes": {t.name: len(splits[t.name][2]) for t in tasks},
             "best_epoch": best["epoch"], "best_validation": best["score"], "history": history,
             "test": test, "test_seconds": test_timer.seconds,
-            **run_record(model, mask, timer.seconds, argv),
+            **run_record(model, mask, timer.seconds, argv, trainer.state.global_step),
         }
         finish_run(out, result, model, tok, args.save_model)
     if not args.quiet:
-        print(json.dumps({"variant": args.variant, "tasks": result["tasks"], "test": test,
+        print(json.dumps({"variant": args.variant, "tasks": result["tasks"], "test": test["tasks"],
                           "best_validation": best["score"], "train_seconds": round(timer.seconds, 1),
                           "total_params": result["total_params"]}, indent=2))
     return result

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -64,6 +67,9 @@ def study_parser(description: str, recipe_names: Sequence[str]) -> argparse.Argu
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--existing-only", action="store_true",
                     help="run nothing new: summarize the runs already in --output-dir")
+    ap.add_argument("--wait", action="store_true",
+                    help="when the same study runs side by side: wait for the runs other processes hold, "
+                         "so the summary is complete")
     return ap
 
 
@@ -78,44 +84,150 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def bond_label(max_bond: int | None) -> str:
+    """``None`` -> ``'lossless'``, ``64`` -> ``'64'``."""
+    return "lossless" if max_bond is None else str(max_bond)
+
+
+def parse_bonds(text: str) -> list[int | None]:
+    """``'lossless,256,64'`` -> ``[None, 256, 64]``."""
+    out = []
+    for x in text.split(","):
+        x = x.strip().lower()
+        if x in ("lossless", "none", "full"):
+            out.append(None)
+        elif x.isdigit() and int(x) > 0:
+            out.append(int(x))
+        else:
+            raise ValueError(f"bond caps are positive integers or 'lossless', got {x!r}")
+    return out
+
+
 def grid(recipe: StudyRecipe, *, tasks: Sequence[str], variants: Sequence[str], ms: Sequence[int],
-         seeds: Sequence[int], passthrough: Sequence[str]) -> list[StudyRun]:
-    """Every (task, variant, m, seed), in that nesting order; run ``<task>-<variant>-m<m>-s<seed>``.
-    ``tasks`` is ignored when the recipe has its own :attr:`StudyRecipe.task`."""
+         seeds: Sequence[int], passthrough: Sequence[str], bonds: Sequence[int | None] = (None,),
+         seeds_for: Callable[[int, int | None], Sequence[int]] | None = None) -> list[StudyRun]:
+    """Every (task, variant, m, bond cap, seed), in that nesting order; run
+    ``<task>-<variant>-m<m>[-b<bond>]-s<seed>`` (no ``-b`` part for lossless bonds, so lossless
+    runs of other studies are reused). ``tasks`` is ignored when the recipe has its own
+    :attr:`StudyRecipe.task`; ``seeds_for(m, bond)``, when given, overrides ``seeds`` per point."""
     runs = []
     for task in ([recipe.task] if recipe.task else tasks):
         for variant in variants:
             for m in ms:
-                for seed in seeds:
-                    argv = ([] if recipe.task else ["--task", task]) + [
-                        "--variant", variant, "--m", str(m), "--seed", str(seed), *passthrough]
-                    runs.append(StudyRun(f"{task}-{variant}-m{m}-s{seed}", argv,
-                                         {"task": task, "variant": variant, "m": m, "seed": seed}))
+                for bond in bonds:
+                    for seed in (seeds_for(m, bond) if seeds_for else seeds):
+                        argv = ([] if recipe.task else ["--task", task]) + [
+                            "--variant", variant, "--m", str(m), "--seed", str(seed), *passthrough]
+                        labels = {"task": task, "variant": variant, "m": m, "seed": seed}
+                        name = f"{task}-{variant}-m{m}"
+                        if bond is not None:
+                            argv += ["--max-bond", str(bond)]
+                            name += f"-b{bond}"
+                        labels["max_bond"] = bond_label(bond)
+                        runs.append(StudyRun(f"{name}-s{seed}", argv, labels))
     return runs
 
 
-# --- running ------------------------------------------------------------------------------------
+class RunClaim:
+    """An exclusive claim on one run, so several copies of the same study command (started side by
+    side, e.g. one single-threaded process per core) share its runs instead of repeating them.
+
+    The claim is the file ``<runs_dir>/<name>.claim`` holding ``host pid``, created with
+    ``O_EXCL``. A claim left by a process that no longer exists on this host is taken over.
+    """
+
+    def __init__(self, runs_dir: Path, name: str):
+        self.path = runs_dir / f"{name}.claim"
+        self.held = False
+
+    def _owner_alive(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return False  # vanished or half-written: treat as free (a race loses at O_EXCL below)
+        if host != socket.gethostname():
+            return True  # another machine's claim: never steal it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> bool:
+        """True if this process now holds the run; False if a live process does."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._owner_alive():
+                    return False
+                self.path.unlink(missing_ok=True)  # stale: its process died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{socket.gethostname()} {os.getpid()}")
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
 def run_study(main: Callable[[list[str]], dict], runs: Sequence[StudyRun], runs_dir: Path,
-              existing_only: bool = False) -> list[tuple[StudyRun, dict]]:
+              existing_only: bool = False, wait: bool = False,
+              poll_seconds: float = 30.0) -> list[tuple[StudyRun, dict]]:
     """Run each run whose ``runs_dir/<name>/results.json`` does not exist yet (so an interrupted
     study resumes) by calling ``main(argv + ['--output-dir', ...])``; return ``(run, result)``
-    for all, in order. With ``existing_only``, missing runs are skipped instead."""
-    done = []
+    for the finished ones, in order. With ``existing_only``, missing runs are skipped instead.
+
+    Runs are claimed (:class:`RunClaim`), so the same command started N times side by side
+    works through the runs in parallel; a run another live process holds is skipped here, or,
+    with ``wait``, awaited at the end (and run here if its holder dies without finishing it), so
+    the returned list is complete.
+    """
+    done: dict[str, tuple[StudyRun, dict]] = {}
+    pending = _run_all(main, runs, runs_dir, existing_only, done)
+    while wait and pending:
+        time.sleep(poll_seconds)
+        pending = _run_all(main, pending, runs_dir, existing_only, done, quiet=True)
+    return [done[r.name] for r in runs if r.name in done]
+
+
+def _run_all(main, runs, runs_dir: Path, existing_only: bool, done: dict, quiet: bool = False) -> list[StudyRun]:
+    """Run or reuse each run into ``done``; returns the runs other live processes hold."""
+    held_elsewhere = []
     for i, run in enumerate(runs):
         path = runs_dir / run.name / "results.json"
         step = f"[{i + 1}/{len(runs)}] {run.name}:"
         if path.is_file():
-            print(f"{step} done earlier, reusing {path}", flush=True)
+            if not quiet:
+                print(f"{step} done earlier, reusing {path}", flush=True)
         elif existing_only:
             print(f"{step} not run, skipped (--existing-only)", flush=True)
             continue
         else:
-            print(f"{step} python recipes/... {' '.join(run.argv)}", flush=True)
-            main(run.argv + ["--output-dir", str(runs_dir / run.name)])
+            claim = RunClaim(runs_dir, run.name)
+            if not claim.acquire():
+                if not quiet:
+                    print(f"{step} running in another process ({claim.path}), skipped", flush=True)
+                held_elsewhere.append(run)
+                continue
+            try:
+                if not path.is_file():  # finished by another process between our check and claim
+                    print(f"{step} python recipes/... {' '.join(run.argv)}", flush=True)
+                    main(run.argv + ["--output-dir", str(runs_dir / run.name)])
+            finally:
+                claim.release()
         result = json.loads(path.read_text())
         result["run"] = run.name
-        done.append((run, result))
-    return done
+        done[run.name] = (run, result)
+    return held_elsewhere
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -141,6 +253,14 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
                     "total_params": rs[0]["total_params"],
                     "active_params_per_token": rs[0]["active_params_per_token"],
                     "train_seconds_mean": sum(r["train_seconds"] for r in rs) / len(rs)})
+        if "per_expert_params" in rs[0]:
+            row["per_expert_params"] = rs[0]["per_expert_params"]
+        steps = [r["seconds_per_step"] for r in rs if "seconds_per_step" in r]
+        if steps:
+            row["seconds_per_step_mean"] = sum(steps) / len(steps)
+        errors = [r["conversion_error"]["mean"] for r in rs if r.get("conversion_error")]
+        if errors:
+            row["conversion_error"] = errors[0]  # the same decomposition for every seed
         for name in metrics[0]:
             if name != recipe.headline and all(name in x for x in metrics):
                 row[f"{name}_mean"] = sum(x[name] for x in metrics) / len(metrics)
@@ -179,12 +299,64 @@ def plot(rows: list[dict], recipe: StudyRecipe, label_key: str, path: Path,
     plt.close(fig)
 
 
+def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool) -> list[int]:
+    """Indices of the points ``(cost, quality)`` no other point beats on both (cost no higher,
+    quality no worse, one of them strictly), ordered by cost."""
+    sign = -1.0 if lower_is_better else 1.0
+    front = []
+    for i, (c, q) in enumerate(points):
+        dominated = any((c2 <= c and sign * q2 >= sign * q) and (c2 < c or sign * q2 > sign * q)
+                        for j, (c2, q2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, cost_key: str = "total_params",
+                label: Callable[[dict], str] = lambda r: str(r.get("m")), title: str = "") -> list[dict]:
+    """Quality (headline mean, error bar = std over seeds) against ``cost_key`` (millions), every
+    row labelled ``label(row)``, the Pareto front joined by a line; returns the front's rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = recipe.headline
+    pts = [(r[cost_key] / 1e6, r[f"{metric}_mean"]) for r in rows]
+    front = pareto_front(pts, recipe.lower_is_better)
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for r, (x, y) in zip(rows, pts):
+        ax.errorbar(x, y, yerr=r[f"{metric}_std"] or None, fmt="o", capsize=3, color="tab:blue",
+                    alpha=0.9 if r.get("seeds", 1) > 1 else 0.6)
+        ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="tab:red", alpha=0.6,
+            label="Pareto front")
+    ax.set_xlabel(cost_key.replace("_", " ") + " (M)")
+    ax.set_ylabel(metric.replace("_", " ") + (" (lower is better)" if recipe.lower_is_better else ""))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [rows[i] for i in front]
+
+
+def run_row(result: dict) -> dict:
+    """A run's result without its bulky parts (training history, samples, per-example test
+    outputs), for the ``<name>_runs`` table; the full record stays in the run's ``results.json``."""
+    row = {k: v for k, v in result.items() if k not in ("history", "samples")}
+    if isinstance(row.get("test"), dict) and "examples" in row["test"]:
+        row["test"] = {k: v for k, v in row["test"].items() if k != "examples"}
+    return row
+
+
 def write_study(recipe: StudyRecipe, results: list[dict], rows: list[dict], out: Path, name: str,
                 label_key: str, panel_key: str | None, title: str) -> None:
     """``name.{json,csv}`` (summary rows), ``<name>_runs.{json,csv}`` (every run), ``name.png``."""
     write_rows(rows, out / name)
-    write_rows([{k: v for k, v in r.items() if k not in ("history", "samples")} for r in results],
-               out / f"{name}_runs")
+    write_rows([run_row(r) for r in results], out / f"{name}_runs")
     plot(rows, recipe, label_key, out / f"{name}.png", panel_key=panel_key, title=title)
     for row in rows:
         print(row)
@@ -192,11 +364,11 @@ def write_study(recipe: StudyRecipe, results: list[dict], rows: list[dict], out:
 
 def conduct_study(recipe: StudyRecipe, runs: Sequence[StudyRun], out: Path, *, group_keys: Sequence[str],
                   name: str, label_key: str, panel_key: str | None, title: str,
-                  existing_only: bool = False) -> list[dict]:
+                  existing_only: bool = False, wait: bool = False) -> list[dict]:
     """Run (or reuse, under ``out/runs``) every run, label each result with its run's
     ``group_keys`` labels, summarize, write the study's files; returns the summary rows."""
     results = []
-    for run, result in run_study(recipe.main, runs, out / "runs", existing_only=existing_only):
+    for run, result in run_study(recipe.main, runs, out / "runs", existing_only=existing_only, wait=wait):
         result.update({k: run.labels[k] for k in group_keys})
         results.append(result)
     rows = summarize(recipe, results, group_keys)

@@ -75,10 +75,22 @@ def mask_summary(mask: moe.GradientMask | None) -> dict | None:
 
 
 def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train_seconds: float,
-               argv: Sequence[str] | None) -> dict:
+               argv: Sequence[str] | None, train_steps: int | None = None) -> dict:
     """The fields every ``results.json`` has: training wall time (s), the gradient mask's
     summary, the MoE config (``None`` for dense), the command line and the parameter counts."""
     cfg = moe.get_moe_config(model)
-    return {"train_seconds": train_seconds, "gradient_mask": mask_summary(mask),
+    steps = {} if train_steps is None else {"train_steps": train_steps,
+                                             "seconds_per_step": train_seconds / max(1, train_steps)}
+    return {"train_seconds": train_seconds, **steps, "gradient_mask": mask_summary(mask),
             "moe_config": cfg.to_dict() if cfg is not None else None,
-            "argv": sys.argv[1:] if argv is None else list(argv), **parameter_summary(model)}
+            "argv": sys.argv[1:] if argv is None else list(argv), **parameter_summary(model),
+            "conversion_error": conversion_error_summary(model)}
+
+
+def conversion_error_summary(model: torch.nn.Module) -> dict | None:
+    """Relative Frobenius error of the MPO experts against the pretrained matrices at conversion
+    (:func:`tnmoe.moe.conversion_errors`): ``mean``/``max`` over matrices; ``None`` without MPO experts."""
+    errors = list(moe.conversion_errors(model).values())
+    if not errors:
+        return None
+    return {"mean": sum(errors) / len(errors), "max": max(errors), "matrices": len(errors)}

@@ -1,9 +1,21 @@
-"""Print the README's markdown tables from the committed study summaries (no numbers by hand)."""
+"""Print the README's markdown tables from the committed results (no numbers by hand).
+
+    python results/make_tables.py            # all tables
+Also writes ``glue_minilm/comparison.json`` (the GLUE table's numbers, significance included).
+"""
 
 import json
+import math
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "recipes"))
+from significance import paired_bootstrap, seed_ttest  # noqa: E402
+
+TASKS = ["cola", "rte", "mrpc", "stsb"]
+METRIC = {"cola": "matthews", "rte": "accuracy", "mrpc": "accuracy", "stsb": "pearson"}
+VARIANTS = ["dense", "switch", "moe", "mpoe", "mpoe-wo-gm", "mpoe-wo-ps", "mpoe++"]
 
 
 def load(p):
@@ -11,54 +23,108 @@ def load(p):
     return json.loads(p.read_text()) if p.is_file() else []
 
 
-def task_metric(row, task, metric):
-    """``<task>_<metric>_mean`` of a GLUE summary row; summaries written before the study runner
-    named per-task metrics by their task have one task per row and the plain ``<metric>_mean``."""
-    return row.get(f"{task}_{metric}_mean", row.get(f"{metric}_mean"))
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
+
+
+def glue_runs():
+    runs = {}
+    for path in sorted((HERE / "glue_minilm" / "runs").glob("*/results.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault((r["tasks"][0], r["variant"]), {})[r["seed"]] = r
+    return runs
 
 
 def glue_table():
-    rows = load("glue_minilm/summary.json")
+    runs = glue_runs()
+    if not runs:
+        return
+    sweep = load("glue_minilm/sweep/chosen.json")
+    if sweep:
+        print("Learning rates chosen on CoLA's validation half (seed 1; best epoch of 3):\n")
+        print("| family | lr | validation MCC |\n|---|---|---|")
+        for fam, by_lr in sweep["validation"].items():
+            for lr, v in sorted(by_lr.items(), key=lambda kv: float(kv[0])):
+                mark = " **chosen**" if float(lr) == sweep["lr"][fam] else ""
+                print(f"| {fam} | {float(lr):g}{mark} | {v:.3f} |")
+        print()
+    print("| task (metric) | variant | seeds | test mean ± std | Δ vs dense [95% CI] | p bootstrap | p t-test "
+          "| params total / active (M) | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    out = []
+    for task in TASKS:
+        metric = METRIC[task]
+        dense = runs.get((task, "dense"), {})
+        for v in VARIANTS:
+            by_seed = runs.get((task, v))
+            if not by_seed:
+                continue
+            scores = [r["test"]["tasks"][task][metric] for r in by_seed.values()]
+            m, s = mean_std(scores)
+            first = next(iter(by_seed.values()))
+            steps = [r["seconds_per_step"] for r in by_seed.values() if "seconds_per_step" in r]
+            row = {"task": task, "metric": metric, "variant": v, "seeds": sorted(by_seed), "mean": m, "std": s,
+                   "total_params": first["total_params"], "active_params_per_token": first["active_params_per_token"],
+                   "seconds_per_step": sum(steps) / len(steps) if steps else None}
+            common = [k for k in sorted(by_seed) if k in dense]
+            if v != "dense" and common and all("examples" in by_seed[k]["test"] and "examples" in dense[k]["test"]
+                                               for k in common):
+                ex = [(by_seed[k]["test"]["examples"][task], dense[k]["test"]["examples"][task]) for k in common]
+                boot = paired_bootstrap(metric, [(a["predictions"], b["predictions"], a["labels"]) for a, b in ex])
+                row.update(diff=boot, ttest_p=seed_ttest([by_seed[k]["test"]["tasks"][task][metric] for k in common],
+                                                         [dense[k]["test"]["tasks"][task][metric] for k in common]))
+            out.append(row)
+            d = row.get("diff")
+            delta = (f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['seeds']} seeds)" if d else "-")
+            p_boot = f"{d['p']:.3f}" if d else "-"
+            p_t = f"{row['ttest_p']:.3f}" if d and not math.isnan(row["ttest_p"]) else "-"
+            extra = ""
+            if task == "mrpc":
+                f1 = mean_std([r["test"]["tasks"][task]["f1"] for r in by_seed.values()])[0]
+                extra = f" (F1 {f1:.3f})"
+            sps = f"{row['seconds_per_step']:.2f}" if row["seconds_per_step"] else "-"
+            std = "" if math.isnan(s) else f" ± {s:.3f}"
+            print(f"| {task.upper()} ({metric}) | {v} | {len(by_seed)} | {m:.3f}{std}{extra} | {delta} | {p_boot} | {p_t} "
+                  f"| {row['total_params'] / 1e6:.1f} / {row['active_params_per_token'] / 1e6:.1f} | {sps} |")
+    (HERE / "glue_minilm" / "comparison.json").write_text(json.dumps(out, indent=2))
+
+
+def factorization_table(path, metric_label):
+    rows = load(path)
     if not rows:
         return
-    tasks = sorted({r["task"] for r in rows}, key=["rte", "mrpc", "cola", "stsb"].index)
-    variants = ["dense", "switch", "mpoe", "mpoe-wo-gm", "mpoe-wo-ps"]
-    metric_name = {"rte": "acc", "mrpc": "acc / F1", "cola": "MCC", "stsb": "Pearson"}
-    print("| variant | params (M) | " + " | ".join(f"{t.upper()} {metric_name[t]}" for t in tasks)
-          + " | train time (s, mean over tasks) |")
-    print("|---|---|" + "---|" * len(tasks) + "---|")
-    for v in variants:
-        sel = {r["task"]: r for r in rows if r["variant"] == v}
-        if not sel:
-            continue
-        cells = []
-        for t in tasks:
-            r = sel.get(t)
-            if r is None:
-                cells.append("-")
-            elif t == "mrpc":
-                cells.append(f"{task_metric(r, t, 'accuracy'):.3f} / {task_metric(r, t, 'f1'):.3f}")
-            else:
-                cells.append(f"{r['test_score_mean']:.3f}")
-        params = next(iter(sel.values()))["total_params"] / 1e6
-        t_mean = sum(r["train_seconds_mean"] for r in sel.values()) / len(sel)
-        print(f"| {v} | {params:.2f} | " + " | ".join(cells) + f" | {t_mean:.0f} |")
+    key = next(k for k in rows[0] if k.endswith("_mean") and k.startswith("test_"))
+    print(f"\n`{path}`:\n")
+    print(f"| m | bond cap | seeds | params total (M) | per expert (K) | conversion error | {metric_label} (mean ± std) "
+          "| s/step |")
+    print("|---|---|---|---|---|---|---|---|")
+    def fmt(x, spec, scale=1.0):
+        return "-" if x is None else format(x / scale, spec)
+
+    for r in rows:
+        std = f" ± {r[key.replace('_mean', '_std')]:.3f}" if r["seeds"] > 1 else ""
+        print(f"| {r['m']} | {r.get('max_bond', 'lossless')} | {r['seeds']} | {fmt(r['total_params'], '.2f', 1e6)} | "
+              f"{fmt(r.get('per_expert_params'), '.1f', 1e3)} | {fmt(r.get('conversion_error'), '.3g')} | "
+              f"{r[key]:.3f}{std} | {fmt(r.get('seconds_per_step_mean'), '.2f')} |")
 
 
-def gpt2_tables():
-    for name, key in (("summary.json", "variant"), ("factorization.json", "m")):
-        rows = load(f"gpt2_wikitext2/{name}")
-        if not rows:
-            continue
-        print(f"\n| {key} | seeds | params (M) | active/token (M) | test PPL (mean ± std) | BLEU-2 | BLEU-4 | Self-BLEU-2 | train time (s) |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r[key]} | {r['seeds']} | {r['total_params'] / 1e6:.2f} | {r['active_params_per_token'] / 1e6:.2f} | "
-                  f"{r['test_perplexity_mean']:.1f} ± {r['test_perplexity_std']:.1f} | {r.get('bleu2_mean', float('nan')):.2f} | "
-                  f"{r.get('bleu4_mean', float('nan')):.2f} | {r.get('self_bleu2_mean', float('nan')):.2f} | "
-                  f"{r['train_seconds_mean']:.0f} |")
+def gpt2_table():
+    rows = load("gpt2_wikitext2/summary.json")
+    if not rows:
+        return
+    print("\n| variant | seeds | params (M) | active/token (M) | test PPL (mean ± std) | BLEU-2 | BLEU-4 | Self-BLEU-2 "
+          "| train time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['seeds']} | {r['total_params'] / 1e6:.2f} | {r['active_params_per_token'] / 1e6:.2f} | "
+              f"{r['test_perplexity_mean']:.1f} ± {r['test_perplexity_std']:.1f} | {r.get('bleu2_mean', float('nan')):.2f} | "
+              f"{r.get('bleu4_mean', float('nan')):.2f} | {r.get('self_bleu2_mean', float('nan')):.2f} | "
+              f"{r['train_seconds_mean']:.0f} |")
 
 
 if __name__ == "__main__":
     glue_table()
-    gpt2_tables()
+    gpt2_table()
+    factorization_table("gpt2_wikitext2/factorization.json", "test PPL")
+    factorization_table("glue_minilm/factorization.json", "STS-B Pearson")

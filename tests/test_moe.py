@@ -76,6 +76,28 @@ def test_lossless_conversion_preserves_logits(factory, router):
     assert [n for n, _ in moe.moe_layers(converted)] == [n + ".intermediate" if bert else n for n in ffns]
 
 
+@pytest.mark.parametrize("max_bond", [None, 3])
+def test_conversion_errors_match_the_rebuilt_experts(max_bond):
+    model = tiny_gpt2()
+    # GPT-2's Conv1D stores (in, out): the FFN's matrices are their transposes
+    originals = {i: {"up": blk.mlp.c_fc.weight.detach().t().double(), "down": blk.mlp.c_proj.weight.detach().t().double()}
+                 for i, blk in enumerate(model.transformer.h)}
+    moe.convert(model, MoEConfig(num_experts=2, m=3, max_bond=max_bond, init_noise=0.0), progress=False)
+    errors = moe.conversion_errors(model)
+    assert sorted(errors) == sorted(f"transformer.h.{i}.mlp.experts.{k}" for i in originals for k in ("up", "down"))
+    for name, err in errors.items():
+        i, kind = int(name.split(".")[2]), name.rsplit(".", 1)[1]
+        W = originals[i][kind]
+        rebuilt = model.get_submodule(name).weights().detach().double()
+        expect = max(float((rebuilt[e] - W).norm() / W.norm()) for e in range(2))
+        if max_bond is None:
+            assert err < 1e-5 and expect < 1e-5
+        else:
+            assert err == pytest.approx(expect, rel=1e-4) and err > 1e-3
+    assert moe.conversion_errors(moe.convert(tiny_gpt2(), MoEConfig(num_experts=2, expert_type="dense"),
+                                             progress=False)) == {}
+
+
 def test_conversion_router_still_gets_gradients():
     model = moe.convert(tiny_gpt2(), MoEConfig(num_experts=4, m=3), progress=False).train()
     out = model(**inputs_for(model), labels=inputs_for(model)["input_ids"])

@@ -392,13 +392,51 @@ def test_ablation_and_factorization_studies(tmp_path):
         "wikitext2-mpoe-m3-s42", "wikitext2-mpoe-wo-ps-m3-s42"]
     assert (study / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    rows = factorization_study.main(["--recipe", "gpt2", "--ms", "2,3", "--output-dir", str(study),
+    rows = factorization_study.main(["--recipe", "gpt2", "--ms", "2,3", "--max-bonds", "lossless,2",
+                                     "--core-m", "3", "--core-seeds", "42,43", "--output-dir", str(study),
                                      "--", *passthrough])
-    assert [r["m"] for r in rows] == [2, 3]
-    assert rows[1]["test_perplexity_mean"] == runs["mpoe"]["test_perplexity"]  # the ablation's m=3 run, reused
+    # m=2 lossless and m=3 (the core column) at both bonds run two seeds; m=2 at bond 2 one
+    assert [(r["m"], r["max_bond"], r["seeds"]) for r in rows] == [(2, "lossless", 2), (2, "2", 1),
+                                                                   (3, "lossless", 2), (3, "2", 2)]
+    run_m3 = [runs["mpoe"], json.loads((study / "runs" / "wikitext2-mpoe-m3-s43" / "results.json").read_text())]
+    assert rows[2]["test_perplexity_mean"] == pytest.approx(statistics.mean(  # the ablation's m=3 run, reused
+        r["test_perplexity"] for r in run_m3))
     assert sorted(p.name for p in (study / "runs").iterdir()) == [
-        "wikitext2-mpoe-m2-s42", "wikitext2-mpoe-m3-s42", "wikitext2-mpoe-wo-ps-m3-s42"]
-    assert (study / "factorization.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        "wikitext2-mpoe-m2-b2-s42", "wikitext2-mpoe-m2-s42", "wikitext2-mpoe-m2-s43",
+        "wikitext2-mpoe-m3-b2-s42", "wikitext2-mpoe-m3-b2-s43", "wikitext2-mpoe-m3-s42", "wikitext2-mpoe-m3-s43",
+        "wikitext2-mpoe-wo-ps-m3-s42"]
+    capped = json.loads((study / "runs" / "wikitext2-mpoe-m3-b2-s42" / "results.json").read_text())
+    assert capped["argv"][-4:-2] == ["--max-bond", "2"] and capped["moe_config"]["max_bond"] == 2
+    assert rows[3]["total_params"] < rows[2]["total_params"]  # capped bonds: fewer parameters
+    assert rows[3]["per_expert_params"] < rows[2]["per_expert_params"]
+    assert rows[3]["conversion_error"] > 0.1 > 1e-5 > rows[2]["conversion_error"]  # lossy vs lossless
+    assert all(r["seconds_per_step_mean"] > 0 for r in rows)
+    for name in ("factorization.png", "factorization_pareto.png"):
+        assert (study / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_against_brute_force():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for lower in (False, True):
+        pts = [tuple(x) for x in rng.integers(0, 6, size=(12, 2)).astype(float)]
+        front = studies.pareto_front(pts, lower)
+        better = (lambda a, b: a < b) if lower else (lambda a, b: a > b)
+        expect = [i for i, (c, q) in enumerate(pts)
+                  if not any((c2 <= c and (q2 == q or better(q2, q))) and (c2 < c or better(q2, q))
+                             for c2, q2 in pts)]
+        assert sorted(front) == expect
+        for i, j in itertools.combinations(front, 2):  # no front point dominates another
+            assert not (pts[i][0] <= pts[j][0] and not better(pts[j][1], pts[i][1]) and pts[i] != pts[j])
+    assert studies.pareto_front([(1, 0.5), (2, 0.7), (3, 0.6), (0.5, 0.1)], False) == [3, 0, 1]
+    assert studies.pareto_front([(1, 30.0), (2, 20.0), (3, 25.0)], True) == [0, 1]
+
+
+def test_parse_bonds():
+    assert studies.parse_bonds("lossless,256, 16") == [None, 256, 16]
+    with pytest.raises(ValueError, match="bond caps"):
+        studies.parse_bonds("0")
 
 
 def _glue_result(tasks: dict[str, dict[str, float]], train_seconds: float) -> dict:
@@ -441,6 +479,64 @@ def test_run_study_resumes_and_existing_only(tmp_path):
     assert [r["seed"] for _, r in first] == [1] and [(run.name, r["seed"]) for run, r in both] == [
         ("t-mpoe-m3-s1", 1), ("t-mpoe-m3-s2", 2)]
     assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]  # the first run was not repeated
+
+
+def _marker_main(log: Path, delay: float = 0.0):
+    """A fake recipe main that appends its run name to ``log`` (one line per execution)."""
+    import os
+    import time
+
+    def main(argv):
+        out = Path(argv[argv.index("--output-dir") + 1])
+        time.sleep(delay)
+        with open(log, "a") as fh:
+            fh.write(f"{out.name} {os.getpid()}\n")
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"seed": int(argv[argv.index("--seed") + 1])}))
+    return main
+
+
+def test_run_study_claims_live_and_takes_over_dead(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    log = tmp_path / "log.txt"
+    main = _marker_main(log)
+    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
+    runs = studies.grid(recipe, tasks=["-"], variants=["mpoe"], ms=[3], seeds=[1, 2], passthrough=[])
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (runs_dir / "t-mpoe-m3-s1.claim").write_text(f"{socket.gethostname()} {os.getpid()}")  # live (us)
+    (runs_dir / "t-mpoe-m3-s2.claim").write_text(f"{socket.gethostname()} {dead.pid}")  # dead
+    done = studies.run_study(main, runs, runs_dir)
+    assert [run.name for run, _ in done] == ["t-mpoe-m3-s2"]  # s1 is left to its live owner
+    assert log.read_text().split()[0] == "t-mpoe-m3-s2"
+    assert not (runs_dir / "t-mpoe-m3-s2.claim").exists()  # released after the run
+    assert (runs_dir / "t-mpoe-m3-s1.claim").exists()  # someone else's claim is untouched
+
+
+def test_run_study_side_by_side_runs_each_run_once(tmp_path):
+    import multiprocessing as mp
+
+    log = tmp_path / "log.txt"
+    main = _marker_main(log, delay=0.2)
+    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
+    runs = studies.grid(recipe, tasks=["-"], variants=["a", "b"], ms=[3], seeds=[1, 2, 3], passthrough=[])
+    ctx = mp.get_context("fork")
+    workers = [ctx.Process(target=studies.run_study, args=(main, runs, tmp_path / "runs")) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(name for name, _ in lines) == sorted(r.name for r in runs)  # each exactly once
+    assert len({pid for _, pid in lines}) == 2  # and both workers did some
+    assert not list((tmp_path / "runs").glob("*.claim"))
+    assert len(studies.run_study(main, runs, tmp_path / "runs", existing_only=True)) == len(runs)
 
 
 def test_split_passthrough():
@@ -545,3 +641,70 @@ def test_glue_recipe_gradient_accumulation(tiny_dirs, tmp_path):
                              "--factors", TINY_FACTORS, "--batch-size", "4", "--gradient-accumulation-steps", "2"))
     assert r["train_samples"] == 16
     assert r["gradient_mask"]["steps"] == 2  # 16 rows / (4 x 2) per optimizer step
+
+
+# --- significance -------------------------------------------------------------------------------
+def test_batched_metrics_match_sklearn_and_scipy():
+    from scipy.stats import pearsonr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    import significance
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        y = rng.integers(0, 2, 60)
+        p = np.where(rng.random(60) < 0.7, y, 1 - y)
+        for name, ref in (("accuracy", accuracy_score), ("f1", f1_score), ("matthews", matthews_corrcoef)):
+            assert significance.batched_metric(name, p, y)[0] == pytest.approx(ref(y, p))
+        s, t = rng.normal(size=40), rng.normal(size=40)
+        assert significance.batched_metric("pearson", s + t, t)[0] == pytest.approx(pearsonr(s + t, t)[0])
+    assert significance.batched_metric("matthews", np.zeros(9), np.arange(9) % 2)[0] == 0.0  # constant
+
+
+def test_paired_bootstrap():
+    import significance
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 400)
+    good = np.where(rng.random(400) < 0.9, y, 1 - y)
+    bad = np.where(rng.random(400) < 0.6, y, 1 - y)
+    same = significance.paired_bootstrap("accuracy", [(good, good, y)] * 2)
+    assert (same["diff"], same["p"]) == (0.0, 1.0)
+    res = significance.paired_bootstrap("accuracy", [(good, bad, y), (good, bad, y)], resamples=500)
+    assert res["diff"] == pytest.approx((good == y).mean() - (bad == y).mean())
+    assert res["p"] < 0.01 and res["low"] < res["diff"] < res["high"]
+    right, wrong = np.flatnonzero(good == y)[:6], np.flatnonzero(good != y)[:6]
+    swapped = good.copy()
+    swapped[np.r_[right, wrong]] = 1 - swapped[np.r_[right, wrong]]  # 6 new errors, 6 fixed: same accuracy
+    tie = significance.paired_bootstrap("accuracy", [(good, swapped, y)])
+    assert tie["diff"] == 0.0 and tie["p"] > 0.5 and tie["low"] < 0 < tie["high"]
+    with pytest.raises(ValueError, match="same test examples"):
+        significance.paired_bootstrap("accuracy", [(good, bad[:10], y)])
+
+
+def test_run_study_waits_for_runs_held_elsewhere(tmp_path):
+    import multiprocessing as mp
+
+    log = tmp_path / "log.txt"
+    main = _marker_main(log)
+    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
+    runs = studies.grid(recipe, tasks=["-"], variants=["a"], ms=[3], seeds=[1, 2], passthrough=[])
+    runs_dir = tmp_path / "runs"
+
+    def holder(ready):
+        claim = studies.RunClaim(runs_dir, runs[0].name)
+        assert claim.acquire()
+        ready.set()
+        _marker_main(log, delay=1.0)(runs[0].argv + ["--output-dir", str(runs_dir / runs[0].name)])
+        claim.release()
+
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=holder, args=(ready,))
+    proc.start()
+    assert ready.wait(30)
+    done = studies.run_study(main, runs, runs_dir, wait=True, poll_seconds=0.1)
+    proc.join(30)
+    assert [run.name for run, _ in done] == [r.name for r in runs]  # complete, in order
+    names = [line.split()[0] for line in log.read_text().splitlines()]
+    assert sorted(names) == sorted(r.name for r in runs)  # the held run was not repeated here

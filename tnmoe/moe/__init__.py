@@ -12,6 +12,7 @@ from .config import MoEConfig
 from .convert import (
     ParameterCount,
     build_moe_layer,
+    conversion_errors,
     convert,
     count_parameters,
     converted_modules,
@@ -31,7 +32,7 @@ from .persistence import from_pretrained, load_weights, save_pretrained
 from .routers import HashRouter, Router, RouterOutput, SwitchRouter, TopKRouter
 
 __all__ = [
-    "MoEConfig", "convert", "get_moe_config", "converted_modules", "build_moe_layer", "find_target_modules", "count_parameters",
+    "MoEConfig", "convert", "get_moe_config", "converted_modules", "conversion_errors", "build_moe_layer", "find_target_modules", "count_parameters",
     "print_trainable_parameters", "ParameterCount", "MoELayer", "RoutingStats", "ExpertFFN",
     "ExpertBank", "MPOExpertBank", "DenseExpertBank", "grouped_linear", "grouped_mm_supported", "GROUPED_IMPLS", "resolve_share", "Router", "RouterOutput", "TopKRouter",
     "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",

@@ -21,7 +21,7 @@ from .layer import MoELayer, moe_layers
 from .routers import HashRouter, SwitchRouter, TopKRouter
 
 __all__ = ["build_moe_layer", "convert", "find_target_modules", "get_moe_config", "converted_modules",
-           "ParameterCount", "count_parameters", "print_trainable_parameters"]
+           "ParameterCount", "count_parameters", "print_trainable_parameters", "conversion_errors"]
 
 
 def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
@@ -71,7 +71,10 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
         if load:
             w = W.detach()
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-            b.load_mpo(MPO.from_matrix(w, in_f, out_f, max_bond=config.max_bond), config.init_noise, generator)
+            mpo = MPO.from_matrix(w, in_f, out_f, max_bond=config.max_bond)
+            b.load_mpo(mpo, config.init_noise, generator)
+            w64 = w.double()
+            b.conversion_error = float((mpo.to_matrix().double() - w64).norm() / w64.norm().clamp_min(1e-300))
         return b
 
     experts = ExpertFFN(
@@ -260,6 +263,15 @@ class ParameterCount:
 
     def as_millions(self) -> dict[str, float]:
         return {k: round(v / 1e6, 2) for k, v in self.__dict__.items() if k != "moe_layers"}
+
+
+def conversion_errors(model: nn.Module) -> dict[str, float]:
+    """Relative Frobenius error ``||W - W_mpo|| / ||W||`` of every MPO expert bank against the
+    pretrained matrix it was decomposed from at :func:`convert` (before ``init_noise``), by bank
+    name (e.g. ``'h.0.mlp.experts.up'``); ~1e-7 for lossless bonds. Empty for dense experts and
+    for models loaded from a checkpoint (the pretrained matrices are not kept)."""
+    return {name: m.conversion_error for name, m in model.named_modules()
+            if isinstance(m, MPOExpertBank) and m.conversion_error is not None}
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

@@ -138,6 +138,9 @@ class MPOBank(nn.Module):
         self.weight_cache = DerivedTensorCache()
         self._accumulating: str | None = None  # None, "early" or "last"
         self._accumulation: _Accumulation | None = None
+        # relative Frobenius error ||W - W_mpo|| / ||W|| of the matrix this bank was converted
+        # from (set by tnmoe.moe.convert; None for banks built otherwise; not saved)
+        self.conversion_error: float | None = None
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
