@@ -17,6 +17,9 @@ medians from interleaved runs in one process:
   * ``*_eval_cached``: eval-mode forward (no grad) of MPOE with its weight cache (which
     compares the cores against a snapshot on every call) and of the dense-expert MoE
 
+``vs_gemm_floor`` (dense-expert rows): the time over the expert matmuls' FLOPs alone at that
+GEMM rate, the floor of any dense-expert layer.
+
 ``vs_flop_floor``: the layer's time over its floor = the dense-expert MoE's step time plus
 3x the layer's reconstruction FLOPs per step (forward + backward) at the GEMM rate measured in
 this run (a ``(3072, 768) x (768, N/8)`` matmul, an expert's own GEMM).
@@ -157,6 +160,9 @@ def main() -> None:
           f"torch={torch.__version__} threads={torch.get_num_threads()} tokens={args.tokens} "
           f"accumulate={args.accumulate} p_b={args.p_b} experts={E} top-1; median of {args.repeats} interleaved "
           f"steps ({time.perf_counter() - t0:.0f}s); GEMM rate {gemm_rate / 1e9:.1f} GFLOP/s")
+    # the expert matmuls alone (top-1: every token through one 768x3072 and one 3072x768 matrix,
+    # forward + 2x backward) at the GEMM rate: what any dense-expert layer must spend
+    gemm_floor = 3.0 * 2.0 * 2.0 * D * DFF * args.tokens * args.accumulate / gemm_rate
     rows = []
     for k in layers:
         floor = dense + (3.0 if k != "tnmoe_mpoe_masked" else 3.0 - MASKED_SAVING) * recon.get(k, 0.0) / gemm_rate
@@ -166,12 +172,15 @@ def main() -> None:
                      "params": sum(p.numel() for p in layers[k].parameters())})
         if k == "tnmoe_mpoe_masked":
             rows[-1]["vs_unmasked"] = t[k] / t["tnmoe_mpoe"]
+        if k in ("tnmoe_dense_moe", "hf_switch", "dense_ffn"):  # all three do the same expert matmuls
+            rows[-1]["vs_gemm_floor"] = t[k] / gemm_floor
     rows.append({"layer": "tnmoe_mpoe_eval_cached", "median_s": t["tnmoe_mpoe_eval_cached"],
                  "vs_tnmoe_dense_moe": t["tnmoe_mpoe_eval_cached"] / t["tnmoe_dense_moe_eval"],
                  "cache_check_s": cache_check, "cache_check_share": cache_check / t["tnmoe_mpoe_eval_cached"]})
     rows.append({"layer": "tnmoe_dense_moe_eval", "median_s": t["tnmoe_dense_moe_eval"], "vs_tnmoe_dense_moe": 1.0})
     for r in rows:
-        extra = "".join(f" | {key} {r[key]:.2f}x" for key in ("vs_hf_switch", "vs_flop_floor", "vs_unmasked")
+        extra = "".join(f" | {key} {r[key]:.2f}x" for key in ("vs_hf_switch", "vs_flop_floor", "vs_unmasked",
+                                                                   "vs_gemm_floor")
                         if key in r)
         print(f"{r['layer']:>24}: {r['vs_tnmoe_dense_moe']:5.2f}x tnmoe dense-expert MoE{extra}")
     print(f"cache check (snapshot comparison of the cores): {1e3 * cache_check:.2f} ms per eval forward "

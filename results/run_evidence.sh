@@ -27,9 +27,9 @@ case "${1:-all}" in
     COMMON=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 3
             --capacity-factor none --threads "${THREADS:-1}" --quiet)
     STUDY=("$PY" recipes/ablations.py --recipe bert)
-    # 1. learning-rate sweep (--wait: the choice below needs every sweep run, also those another
-    #    process started) (seed 1, CoLA, validation half): dense for the dense family
-    #    (dense, +Switch), mpoe for the MPOE family (MPOE, w/o GM, w/o PS)
+    # 1. learning-rate sweep on CoLA's validation half (seed 1): dense for the dense family
+    #    (dense, +Switch), mpoe for the MPOE family (MPOE, w/o GM, w/o PS); --wait: the choice
+    #    below needs every sweep run, also those another process holds
     sweep() {
       local lrs=(5e-5 1e-4 2e-4); ((W % 2)) && lrs=(2e-4 1e-4 5e-5)
       for lr in "${lrs[@]}"; do
@@ -38,15 +38,10 @@ case "${1:-all}" in
       done
     }
     workers sweep
-    $PY results/choose_lr.py $G/sweep
+    # the sweep's seed-1 CoLA runs at the chosen rates are the grid's seed-1 CoLA runs
+    $PY results/choose_lr.py $G/sweep --reuse-in $G --expect 3
     LR_DENSE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['dense'])")
     LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
-    # the sweep's seed-1 CoLA runs at the chosen rates are the grid's seed-1 CoLA runs
-    for v in dense:$LR_DENSE mpoe:$LR_MPOE; do
-      src=$(ls -d $G/sweep/lr*/runs/cola-${v%%:*}-m5-s1 | while read -r d; do
-        $PY -c "import json,sys; sys.exit(json.load(open('$d/results.json'))['lr'] != ${v#*:})" && echo "$d"; done)
-      [ -e "$G/runs/cola-${v%%:*}-m5-s1" ] || { mkdir -p $G/runs; cp -r "$src" "$G/runs/"; }
-    done
     # 2. the grid: 4 tasks x 5 variants x 3 seeds, each family at its chosen learning rate
     grid() {
       for task in cola rte mrpc stsb; do
@@ -90,18 +85,21 @@ case "${1:-all}" in
     LM=(--model results/gpt2_wikitext2/base/model --train-file "$W2/valid.txt" --test-file "$W2/test.txt"
         --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads "${THREADS:-1}" --quiet)
     FACT=(--ms 3,5,7,9 --max-bonds lossless,256,64,16)
-    lm_fact() { "$PY" recipes/factorization_study.py --recipe gpt2 "${FACT[@]}" --seeds 42 --core-seeds 42,43,44 "$@" \
+    # pass 1: every point with one seed; pass 2: the extra seeds of the m = 5 column and lossless row
+    lm_fact() { "$PY" recipes/factorization_study.py --recipe gpt2 "${FACT[@]}" --seeds 42 "$@" \
                   --output-dir results/gpt2_wikitext2 -- "${LM[@]}"; }
-    workers lm_fact
-    lm_fact --existing-only  # the summary over every point
+    workers lm_fact --core-seeds 42
+    workers lm_fact --core-seeds 42,43,44
+    lm_fact --core-seeds 42,43,44 --existing-only  # the summary over every point
     G=results/glue_minilm
     LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
     GL=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 3 --capacity-factor none
         --threads "${THREADS:-1}" --quiet --lr "$LR_MPOE")
     glue_fact() { "$PY" recipes/factorization_study.py --recipe bert --task stsb "${FACT[@]}" --seeds 1 "$@" \
-                    --core-seeds 1,2,3 --output-dir $G -- "${GL[@]}"; }
-    workers glue_fact
-    glue_fact --existing-only
+                    --output-dir $G -- "${GL[@]}"; }
+    workers glue_fact --core-seeds 1
+    workers glue_fact --core-seeds 1,2,3
+    glue_fact --core-seeds 1,2,3 --existing-only
     $PY results/make_tables.py
     ;;
 esac

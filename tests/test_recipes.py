@@ -708,3 +708,21 @@ def test_run_study_waits_for_runs_held_elsewhere(tmp_path):
     assert [run.name for run, _ in done] == [r.name for r in runs]  # complete, in order
     names = [line.split()[0] for line in log.read_text().splitlines()]
     assert sorted(names) == sorted(r.name for r in runs)  # the held run was not repeated here
+
+
+def test_choose_lr_picks_best_validation_and_reuses_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "results"))
+    import choose_lr
+
+    sweep = tmp_path / "sweep"
+    vals = {("dense", 5e-5): 0.26, ("dense", 2e-4): 0.16, ("mpoe", 5e-5): 0.20, ("mpoe", 2e-4): 0.24}
+    for (variant, lr), v in vals.items():
+        run = sweep / f"lr{lr:g}" / "runs" / f"cola-{variant}-m5-s1"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"variant": variant, "lr": lr, "best_validation": v}))
+    with pytest.raises(SystemExit, match="incomplete sweep"):
+        choose_lr.main(sweep, expect=3)
+    assert choose_lr.main(sweep, reuse_in=tmp_path, expect=2) == {"dense": 5e-5, "mpoe": 2e-4}
+    assert json.loads((sweep / "chosen.json").read_text())["lr"] == {"dense": 5e-5, "mpoe": 2e-4}
+    reused = {p.name: json.loads((p / "results.json").read_text())["lr"] for p in (tmp_path / "runs").iterdir()}
+    assert reused == {"cola-dense-m5-s1": 5e-5, "cola-mpoe-m5-s1": 2e-4}
