@@ -30,6 +30,11 @@ from studies import (conduct_study, grid, int_list, parse_bonds, parse_study_arg
 from variants import VARIANTS  # noqa: E402
 
 
+def point_label(row: dict) -> str:
+    """``'5/64'``: m and bond cap of a summary row."""
+    return f"{row['m']}/{row['max_bond']}"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the study; returns its summary rows (one per m and bond cap)."""
     ap = study_parser(__doc__, STUDY_RECIPES)
@@ -49,10 +54,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     title = f"{args.recipe}: MPOE with m local tensors and capped bonds"
     out = Path(args.output_dir)
     rows = conduct_study(recipe, runs, out, group_keys=("task", "m", "max_bond"), name="factorization",
-                         label_key="m", panel_key=None, existing_only=args.existing_only, wait=args.wait, title=title)
+                         label_key=point_label, panel_key=None, existing_only=args.existing_only, wait=args.wait, title=title)
     if rows:
-        pareto_plot(rows, recipe, out / "factorization_pareto.png",
-                    label=lambda r: f"{r['m']}/{r['max_bond']}", title=title + " (labels m/bond)")
+        pareto_plot(rows, recipe, out / "factorization_pareto.png", label=point_label,
+                    title=title + " (labels m/bond)")
     return rows
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,8 +179,10 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
                                     max_length=args.max_length, batch_size=max(args.batch_size, 32),
                                     device=model.device, desc=desc, quiet=args.quiet)
             per_task[t.name] = glue_metrics(t, preds, labels)
+            rows = splits[t.name][split_index]
             predictions[t.name] = {"predictions": [round(float(p), 5) for p in preds],
-                                   "labels": [float(y) if t.num_labels == 1 else int(y) for y in labels]}
+                                   "labels": [float(y) if t.num_labels == 1 else int(y) for y in labels],
+                                   "ids": [int(i) for i in rows["dev_index"]]}
         res = {"tasks": per_task, "score": float(np.mean([m["score"] for m in per_task.values()]))}
         if keep_predictions:  # per-example test outputs, for paired significance tests between runs
             res["examples"] = predictions
@@ -188,8 +191,11 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
     history: list[dict] = []
     best = {"score": -float("inf"), "state": None, "epoch": None}
 
+    selection_seconds = [0.0]  # time spent scoring the validation half inside trainer.train()
+
     class SelectBest(TrainerCallback):
         def on_epoch_end(self, targs, state, control, **kw):
+            t0 = time.perf_counter()
             res = score_all(1, "validation")
             res["epoch"] = round(state.epoch or 0, 3)
             history.append(res)
@@ -197,6 +203,7 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
                 best.update(score=res["score"], epoch=res["epoch"],
                             state={k: v.detach().clone() for k, v in model.state_dict().items()})
             model.train()
+            selection_seconds[0] += time.perf_counter() - t0
 
     with atomic_output_dir(args.output_dir) as out:
         trainer = make_trainer(model, args, out, train_ds, mask, lr=lr, lr_scheduler="linear",
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
             "test_sizes": {t.name: len(splits[t.name][2]) for t in tasks},
             "best_epoch": best["epoch"], "best_validation": best["score"], "history": history,
             "test": test, "test_seconds": test_timer.seconds,
-            **run_record(model, mask, timer.seconds, argv, trainer.state.global_step),
+            **run_record(model, mask, timer.seconds, argv, trainer.state.global_step, selection_seconds[0]),
         }
         finish_run(out, result, model, tok, args.save_model)
     if not args.quiet:

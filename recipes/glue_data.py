@@ -82,7 +82,7 @@ def load_glue(task: GlueTask, data_dir: str | None, *, max_train: int | None = N
     ``data_dir``: a local GLUE folder (``<data_dir>/<Task>/{train,dev}.tsv``); ``None`` loads
     ``glue/<task>`` from the hub with ``datasets``. ``split_protocol="paper"``: the original
     dev set is shuffled (seeded) and halved, one half for model selection, the other as test;
-    ``"dev"``: dev is both validation and test.
+    ``"dev"``: dev is both validation and test. Dev rows carry ``dev_index``, their row in the dev set.
     """
     import datasets
 
@@ -99,6 +99,8 @@ def load_glue(task: GlueTask, data_dir: str | None, *, max_train: int | None = N
     train = train.shuffle(seed=seed)
     if max_train:
         train = train.select(range(min(max_train, len(train))))
+    if "dev_index" not in dev.column_names:  # the row's place in the dev set, to pair outputs across seeds
+        dev = dev.add_column("dev_index", list(range(len(dev))))
     dev = dev.shuffle(seed=seed)
     if split_protocol == "paper":
         half = len(dev) // 2
@@ -116,8 +118,8 @@ def load_glue(task: GlueTask, data_dir: str | None, *, max_train: int | None = N
 def glue_metrics(task: GlueTask, preds, labels) -> dict[str, float]:
     """Accuracy, F1 (MRPC/QQP), Matthews (CoLA), Pearson/Spearman (STS-B); 'score' = main metric.
 
-    ``preds``/``labels``: ``(n,)`` class ids, or scores for regression (non-finite predictions
-    count as 0).
+    ``preds``/``labels``: ``(n,)`` class ids (-1, an unparseable answer, counts as wrong), or
+    scores for regression (non-finite predictions count as 0).
     """
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -129,6 +131,8 @@ def glue_metrics(task: GlueTask, preds, labels) -> dict[str, float]:
         out = {"pearson": float(pearsonr(p, labels)[0]) if np.std(p) > 0 else 0.0,
                "spearman": float(spearmanr(p, labels)[0]) if np.std(p) > 0 else 0.0}
     else:
+        # an unparseable text-to-text answer (-1) is wrong: scored as the next class after the label
+        preds = np.where(preds < 0, (labels + 1) % max(task.num_labels, 2), preds)
         out = {"accuracy": float(accuracy_score(labels, preds))}
         if task.name in ("mrpc", "qqp"):
             out["f1"] = float(f1_score(labels, preds, zero_division=0))

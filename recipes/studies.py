@@ -132,51 +132,43 @@ class RunClaim:
     """An exclusive claim on one run, so several copies of the same study command (started side by
     side, e.g. one single-threaded process per core) share its runs instead of repeating them.
 
-    The claim is the file ``<runs_dir>/<name>.claim`` holding ``host pid``, created with
-    ``O_EXCL``. A claim left by a process that no longer exists on this host is taken over.
+    The claim is an exclusive ``flock`` on ``<runs_dir>/<name>.claim``: the kernel releases it
+    when the holder exits or dies, so a crashed process's runs are taken over by the next process
+    that tries, and two live processes can never hold the same run. The file itself stays (its
+    presence means nothing; it notes the last holder's host and pid). Processes must share the
+    filesystem's locks (one machine, a local disk).
     """
 
     def __init__(self, runs_dir: Path, name: str):
         self.path = runs_dir / f"{name}.claim"
-        self.held = False
+        self._fd: int | None = None
 
-    def _owner_alive(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return False  # vanished or half-written: treat as free (a race loses at O_EXCL below)
-        if host != socket.gethostname():
-            return True  # another machine's claim: never steal it
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> bool:
-        """True if this process now holds the run; False if a live process does."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._owner_alive():
-                    return False
-                self.path.unlink(missing_ok=True)  # stale: its process died
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{socket.gethostname()} {os.getpid()}")
-            self.held = True
+        """True if this process now holds the run; False if another live process does."""
+        import fcntl
+
+        if self._fd is not None:
             return True
-        return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        self._fd = fd
+        return True
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
 
 
 def run_study(main: Callable[[list[str]], dict], runs: Sequence[StudyRun], runs_dir: Path,
@@ -269,10 +261,10 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
 
 
 # --- output -------------------------------------------------------------------------------------
-def plot(rows: list[dict], recipe: StudyRecipe, label_key: str, path: Path,
+def plot(rows: list[dict], recipe: StudyRecipe, label_key: str | Callable[[dict], str], path: Path,
          panel_key: str | None = None, title: str = "") -> None:
     """Headline metric (mean, error bar = std) against total parameters (millions), one point
-    per row labelled by ``row[label_key]``, one panel per value of ``row[panel_key]``."""
+    per row labelled by ``row[label_key]`` (or ``label_key(row)``), one panel per value of ``row[panel_key]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +277,8 @@ def plot(rows: list[dict], recipe: StudyRecipe, label_key: str, path: Path,
         for r in (r for r in rows if panel_key is None or r[panel_key] == panel):
             ax.errorbar(r["total_params"] / 1e6, r[f"{metric}_mean"], yerr=r[f"{metric}_std"] or None,
                         fmt="o", capsize=3)
-            ax.annotate(str(r[label_key]), (r["total_params"] / 1e6, r[f"{metric}_mean"]),
+            text = label_key(r) if callable(label_key) else str(r[label_key])
+            ax.annotate(text, (r["total_params"] / 1e6, r[f"{metric}_mean"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("total parameters (M)")
         ax.set_ylabel(metric.replace("_", " ") + (" (lower is better)" if recipe.lower_is_better else ""))

@@ -75,12 +75,14 @@ def mask_summary(mask: moe.GradientMask | None) -> dict | None:
 
 
 def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train_seconds: float,
-               argv: Sequence[str] | None, train_steps: int | None = None) -> dict:
-    """The fields every ``results.json`` has: training wall time (s), the gradient mask's
+               argv: Sequence[str] | None, train_steps: int | None = None, eval_seconds: float = 0.0) -> dict:
+    """The fields every ``results.json`` has: training wall time (s; with ``train_steps``, also
+    ``seconds_per_step`` without the ``eval_seconds`` spent on model selection), the gradient mask's
     summary, the MoE config (``None`` for dense), the command line and the parameter counts."""
     cfg = moe.get_moe_config(model)
-    steps = {} if train_steps is None else {"train_steps": train_steps,
-                                             "seconds_per_step": train_seconds / max(1, train_steps)}
+    steps = {} if train_steps is None else {
+        "train_steps": train_steps, "selection_seconds": eval_seconds,  # model selection inside training
+        "seconds_per_step": (train_seconds - eval_seconds) / max(1, train_steps)}
     return {"train_seconds": train_seconds, **steps, "gradient_mask": mask_summary(mask),
             "moe_config": cfg.to_dict() if cfg is not None else None,
             "argv": sys.argv[1:] if argv is None else list(argv), **parameter_summary(model),

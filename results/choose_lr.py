@@ -17,7 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def main(sweep: Path, reuse_in: Path | None = None, expect: int | None = None) -> dict:
+def main(sweep: Path, reuse_in: Path | None = None, expect: int | None = None,
+         families: tuple[str, ...] = ("dense", "mpoe")) -> dict:
     scores: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     run_dirs: dict[tuple[str, float], list[Path]] = defaultdict(list)
     for path in sorted(sweep.glob("lr*/runs/*/results.json")):
@@ -26,7 +27,9 @@ def main(sweep: Path, reuse_in: Path | None = None, expect: int | None = None) -
         run_dirs[(r["variant"], r["lr"])].append(path.parent)
     if not scores:
         sys.exit(f"no finished sweep runs under {sweep}")
-    missing = {v: len(by_lr) for v, by_lr in scores.items() if expect is not None and len(by_lr) != expect}
+    scores = dict(scores)
+    missing = {v: len(scores.get(v, {})) for v in set(scores) | set(families or ())
+               if expect is not None and len(scores.get(v, {})) != expect}
     if missing:
         sys.exit(f"incomplete sweep under {sweep}: learning rates finished per variant {missing}, expected {expect}")
     chosen = {}
@@ -43,7 +46,11 @@ def main(sweep: Path, reuse_in: Path | None = None, expect: int | None = None) -
         for variant, lr in chosen.items():
             for src in run_dirs[(variant, lr)]:
                 dst = reuse_in / "runs" / src.name
-                if not dst.exists():
+                if (dst / "results.json").is_file():
+                    have = json.loads((dst / "results.json").read_text())["lr"]
+                    if have != lr:
+                        sys.exit(f"{dst} was trained at lr {have:g}, not the chosen {lr:g}: move it away and rerun")
+                elif not dst.exists():
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copytree(src, dst)
                     print(f"reused {src} as {dst}")

@@ -29,10 +29,21 @@ def mean_std(xs):
 
 
 def glue_runs():
+    """The variant grid's runs, ``{(task, variant): {seed: result}}``: folders named
+    ``<task>-<variant>-m5-s<seed>`` (the factorization study's runs in the same folder carry a
+    bond part or another m, and are not variants of the table)."""
+    import re
+
     runs = {}
     for path in sorted((HERE / "glue_minilm" / "runs").glob("*/results.json")):
+        match = re.fullmatch(r"([a-z]+)-(.+)-m5-s(\d+)", path.parent.name)
+        if not match:
+            continue
         r = json.loads(path.read_text())
-        runs.setdefault((r["tasks"][0], r["variant"]), {})[r["seed"]] = r
+        key = (r["tasks"][0], r["variant"])
+        if (key[0], key[1], r["seed"]) != (match[1], match[2], int(match[3])):
+            raise ValueError(f"{path}: its contents do not match its folder name")
+        runs.setdefault(key, {})[r["seed"]] = r
     return runs
 
 
@@ -71,7 +82,12 @@ def glue_table():
             if v != "dense" and common and all("examples" in by_seed[k]["test"] and "examples" in dense[k]["test"]
                                                for k in common):
                 ex = [(by_seed[k]["test"]["examples"][task], dense[k]["test"]["examples"][task]) for k in common]
-                boot = paired_bootstrap(metric, [(a["predictions"], b["predictions"], a["labels"]) for a, b in ex])
+                for k, (a, b) in zip(common, ex):
+                    if a["labels"] != b["labels"] or a.get("ids") != b.get("ids"):
+                        raise ValueError(f"{task} seed {k}: {v} and dense were scored on different test examples")
+                ids = [a["ids"] for a, _ in ex] if all("ids" in a for a, _ in ex) else None
+                boot = paired_bootstrap(metric, [(a["predictions"], b["predictions"], a["labels"]) for a, b in ex],
+                                        ids=ids)
                 row.update(diff=boot, ttest_p=seed_ttest([by_seed[k]["test"]["tasks"][task][metric] for k in common],
                                                          [dense[k]["test"]["tasks"][task][metric] for k in common]))
             out.append(row)
@@ -87,7 +103,8 @@ def glue_table():
             std = "" if math.isnan(s) else f" ± {s:.3f}"
             print(f"| {task.upper()} ({metric}) | {v} | {len(by_seed)} | {m:.3f}{std}{extra} | {delta} | {p_boot} | {p_t} "
                   f"| {row['total_params'] / 1e6:.1f} / {row['active_params_per_token'] / 1e6:.1f} | {sps} |")
-    (HERE / "glue_minilm" / "comparison.json").write_text(json.dumps(out, indent=2))
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in out]
+    (HERE / "glue_minilm" / "comparison.json").write_text(json.dumps(clean, indent=2))  # strict JSON: no NaN
 
 
 def factorization_table(path, metric_label):

@@ -14,7 +14,9 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 workers() {  # run "$@" (a shell function) in WORKERS processes side by side, worker index in $W
   local pids=()
   for ((W = 0; W < ${WORKERS:-2}; W++)); do W=$W "$@" & pids+=($!); done
-  for p in "${pids[@]}"; do wait "$p"; done
+  local failed=0
+  for p in "${pids[@]}"; do wait "$p" || failed=1; done  # every worker finishes before a failure stops us
+  return $failed
 }
 main() {  # the whole script is parsed before it runs (safe to edit while a run is going)
 case "${1:-all}" in

@@ -8,6 +8,8 @@ the saved model and scoring it again, study summaries from the runs' own ``resul
 import csv
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -165,6 +167,12 @@ def test_glue_encoder_recipe(tiny_dirs, tmp_path, variant):
     assert m["accuracy"] == pytest.approx(sum(p == y for p, y in zip(preds, labels)) / 6)
     assert m["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     assert m["score"] == m["accuracy"] and saved["test"]["score"] == m["accuracy"]
+    # per-example outputs for paired tests: the same predictions, and the test half's dev rows
+    ex = saved["test"]["examples"]["mrpc"]
+    assert (ex["predictions"], ex["labels"]) == (list(map(float, preds)), list(labels))
+    _, val, test = glue_data.load_glue(glue_data.get_task("mrpc"), str(FIX / "glue"), seed=42)
+    assert ex["ids"] == list(test["dev_index"]) and sorted(list(val["dev_index"]) + ex["ids"]) == list(range(12))
+    assert glue_data.glue_metrics(glue_data.get_task("mrpc"), ex["predictions"], ex["labels"])["f1"] == m["f1"]
 
     base = n_params(load_saved(tiny_dirs / "bert"))
     assert counts_of(saved) == expected_counts(variant, base_total=base, d=D, f=F_BERT, layers=LAYERS, experts=2,
@@ -401,7 +409,7 @@ def test_ablation_and_factorization_studies(tmp_path):
     run_m3 = [runs["mpoe"], json.loads((study / "runs" / "wikitext2-mpoe-m3-s43" / "results.json").read_text())]
     assert rows[2]["test_perplexity_mean"] == pytest.approx(statistics.mean(  # the ablation's m=3 run, reused
         r["test_perplexity"] for r in run_m3))
-    assert sorted(p.name for p in (study / "runs").iterdir()) == [
+    assert sorted(p.name for p in (study / "runs").iterdir() if p.is_dir()) == [
         "wikitext2-mpoe-m2-b2-s42", "wikitext2-mpoe-m2-s42", "wikitext2-mpoe-m2-s43",
         "wikitext2-mpoe-m3-b2-s42", "wikitext2-mpoe-m3-b2-s43", "wikitext2-mpoe-m3-s42", "wikitext2-mpoe-m3-s43",
         "wikitext2-mpoe-wo-ps-m3-s42"]
@@ -496,26 +504,44 @@ def _marker_main(log: Path, delay: float = 0.0):
     return main
 
 
+def _hold_claim(runs_dir, name, ready, release, die):
+    claim = studies.RunClaim(runs_dir, name)
+    assert claim.acquire()
+    ready.set()
+    release.wait(60)
+    if die:
+        os._exit(0)  # dies holding the claim: the kernel drops the lock
+    claim.release()
+
+
 def test_run_study_claims_live_and_takes_over_dead(tmp_path):
-    import os
-    import socket
-    import subprocess
+    import multiprocessing as mp
 
     log = tmp_path / "log.txt"
     main = _marker_main(log)
     recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
     runs = studies.grid(recipe, tasks=["-"], variants=["mpoe"], ms=[3], seeds=[1, 2], passthrough=[])
     runs_dir = tmp_path / "runs"
-    runs_dir.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (runs_dir / "t-mpoe-m3-s1.claim").write_text(f"{socket.gethostname()} {os.getpid()}")  # live (us)
-    (runs_dir / "t-mpoe-m3-s2.claim").write_text(f"{socket.gethostname()} {dead.pid}")  # dead
+    ctx = mp.get_context("fork")
+    procs = []
+    for run, die in ((runs[0], False), (runs[1], True)):
+        ready, release = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_hold_claim, args=(runs_dir, run.name, ready, release, die))
+        proc.start()
+        assert ready.wait(30)
+        procs.append((proc, release))
+    assert studies.run_study(main, runs, runs_dir) == []  # both held by live processes
+    assert not log.exists()
+    procs[1][1].set()
+    procs[1][0].join(30)  # s2's holder died without finishing it
     done = studies.run_study(main, runs, runs_dir)
-    assert [run.name for run, _ in done] == ["t-mpoe-m3-s2"]  # s1 is left to its live owner
-    assert log.read_text().split()[0] == "t-mpoe-m3-s2"
-    assert not (runs_dir / "t-mpoe-m3-s2.claim").exists()  # released after the run
-    assert (runs_dir / "t-mpoe-m3-s1.claim").exists()  # someone else's claim is untouched
+    assert [run.name for run, _ in done] == ["t-mpoe-m3-s2"]  # taken over; s1 still left to its owner
+    assert not studies.RunClaim(runs_dir, runs[0].name).acquire()
+    procs[0][1].set()
+    procs[0][0].join(30)
+    other = studies.RunClaim(runs_dir, runs[0].name)
+    assert other.acquire() and studies.RunClaim(runs_dir, runs[0].name).acquire() is False
+    other.release()
 
 
 def test_run_study_side_by_side_runs_each_run_once(tmp_path):
@@ -535,7 +561,6 @@ def test_run_study_side_by_side_runs_each_run_once(tmp_path):
     lines = [line.split() for line in log.read_text().splitlines()]
     assert sorted(name for name, _ in lines) == sorted(r.name for r in runs)  # each exactly once
     assert len({pid for _, pid in lines}) == 2  # and both workers did some
-    assert not list((tmp_path / "runs").glob("*.claim"))
     assert len(studies.run_study(main, runs, tmp_path / "runs", existing_only=True)) == len(runs)
 
 
@@ -659,6 +684,21 @@ def test_batched_metrics_match_sklearn_and_scipy():
         s, t = rng.normal(size=40), rng.normal(size=40)
         assert significance.batched_metric("pearson", s + t, t)[0] == pytest.approx(pearsonr(s + t, t)[0])
     assert significance.batched_metric("matthews", np.zeros(9), np.arange(9) % 2)[0] == 0.0  # constant
+    # integer weights = repeating examples
+    y, p, s = rng.integers(0, 2, 30), rng.integers(0, 2, 30), rng.normal(size=30)
+    w = rng.integers(0, 4, 30)
+    for name, ref, pred in (("accuracy", accuracy_score, p), ("f1", f1_score, p),
+                            ("matthews", matthews_corrcoef, p)):
+        assert significance.batched_metric(name, pred, y, w[None])[0] == pytest.approx(
+            ref(np.repeat(y, w), np.repeat(pred, w)))
+    assert significance.batched_metric("pearson", s, s + y, w[None])[0] == pytest.approx(
+        pearsonr(np.repeat(s, w), np.repeat(s + y, w))[0])
+    # an unparseable answer (-1) is wrong, as in glue_metrics
+    task = glue_data.get_task("mrpc")
+    y, p = np.array([1, 0, 1, 1, 0]), np.array([-1, -1, 1, 0, 0])
+    ref = glue_data.glue_metrics(task, p, y)
+    for name in ("accuracy", "f1"):
+        assert significance.batched_metric(name, p, y)[0] == pytest.approx(ref[name])
 
 
 def test_paired_bootstrap():
@@ -672,7 +712,16 @@ def test_paired_bootstrap():
     assert (same["diff"], same["p"]) == (0.0, 1.0)
     res = significance.paired_bootstrap("accuracy", [(good, bad, y), (good, bad, y)], resamples=500)
     assert res["diff"] == pytest.approx((good == y).mean() - (bad == y).mean())
-    assert res["p"] < 0.01 and res["low"] < res["diff"] < res["high"]
+    assert res["p"] == pytest.approx(2 / 501) and res["low"] < res["diff"] < res["high"]  # never 0
+    # two "seeds" on the very same examples: joint resampling over ids sees one test set, so its
+    # interval is wider than independent resampling's (which wrongly treats them as two)
+    half = slice(0, 100)
+    pairs = [(good[half], bad[half], y[half])] * 2
+    joint = significance.paired_bootstrap("accuracy", pairs, ids=[range(100), range(100)])
+    single = significance.paired_bootstrap("accuracy", pairs[:1])
+    indep = significance.paired_bootstrap("accuracy", pairs)
+    assert joint["high"] - joint["low"] == pytest.approx(single["high"] - single["low"], rel=0.15)
+    assert indep["high"] - indep["low"] < 0.85 * (joint["high"] - joint["low"])
     right, wrong = np.flatnonzero(good == y)[:6], np.flatnonzero(good != y)[:6]
     swapped = good.copy()
     swapped[np.r_[right, wrong]] = 1 - swapped[np.r_[right, wrong]]  # 6 new errors, 6 fixed: same accuracy
@@ -726,3 +775,45 @@ def test_choose_lr_picks_best_validation_and_reuses_runs(tmp_path):
     assert json.loads((sweep / "chosen.json").read_text())["lr"] == {"dense": 5e-5, "mpoe": 2e-4}
     reused = {p.name: json.loads((p / "results.json").read_text())["lr"] for p in (tmp_path / "runs").iterdir()}
     assert reused == {"cola-dense-m5-s1": 5e-5, "cola-mpoe-m5-s1": 2e-4}
+    assert choose_lr.main(sweep, reuse_in=tmp_path, expect=2) == {"dense": 5e-5, "mpoe": 2e-4}  # idempotent
+    (tmp_path / "runs" / "cola-mpoe-m5-s1" / "results.json").write_text(json.dumps({"lr": 1e-3}))
+    with pytest.raises(SystemExit, match="trained at lr 0.001"):  # a grid run at another lr is not reused
+        choose_lr.main(sweep, reuse_in=tmp_path, expect=2)
+    for d in sweep.glob("*/runs/cola-mpoe-m5-s1"):
+        shutil.rmtree(d)
+    with pytest.raises(SystemExit, match="incomplete sweep"):  # a family missing entirely
+        choose_lr.main(sweep, expect=2)
+
+
+def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "results"))
+    import make_tables
+    import significance
+
+    rng = np.random.default_rng(3)
+    y = {1: rng.integers(0, 2, 50), 2: rng.integers(0, 2, 50)}
+    ids = {1: list(range(50)), 2: list(range(25, 75))}
+
+    def write(name, variant, seed, preds, params=100):
+        run = tmp_path / "glue_minilm" / "runs" / name
+        run.mkdir(parents=True)
+        examples = {"predictions": [float(p) for p in preds], "labels": [int(v) for v in y[seed]], "ids": ids[seed]}
+        acc = float(np.mean(np.asarray(preds) == y[seed]))
+        (run / "results.json").write_text(json.dumps({
+            "tasks": ["rte"], "variant": variant, "seed": seed, "total_params": params,
+            "active_params_per_token": 60, "seconds_per_step": 0.5,
+            "test": {"tasks": {"rte": {"accuracy": acc, "score": acc}}, "examples": {"rte": examples}}}))
+        return preds
+
+    dense = {s: write(f"rte-dense-m5-s{s}", "dense", s, np.where(rng.random(50) < 0.6, y[s], 1 - y[s])) for s in (1, 2)}
+    mpoe = {s: write(f"rte-mpoe-m5-s{s}", "mpoe", s, np.where(rng.random(50) < 0.8, y[s], 1 - y[s])) for s in (1, 2)}
+    write("rte-mpoe-m9-s1", "mpoe", 1, 1 - y[1], params=999)  # a factorization point: not in the table
+    make_tables.HERE = tmp_path
+    make_tables.glue_table()
+    rows = json.loads((tmp_path / "glue_minilm" / "comparison.json").read_text())
+    assert [(r["variant"], r["seeds"], r["total_params"]) for r in rows] == [("dense", [1, 2], 100), ("mpoe", [1, 2], 100)]
+    expect = significance.paired_bootstrap("accuracy", [(mpoe[s], dense[s], y[s]) for s in (1, 2)],
+                                           ids=[ids[1], ids[2]])
+    assert rows[1]["diff"] == pytest.approx(expect)
+    assert rows[1]["mean"] == pytest.approx(np.mean([np.mean(mpoe[s] == y[s]) for s in (1, 2)]))
+    assert "| RTE (accuracy) | mpoe | 2 |" in capsys.readouterr().out
