@@ -18,6 +18,14 @@ workers() {  # run "$@" (a shell function) in WORKERS processes side by side, wo
   for p in "${pids[@]}"; do wait "$p" || failed=1; done  # every worker finishes before a failure stops us
   return $failed
 }
+gpt2_base() {
+  # stage 1 of the LM studies: a small dense GPT-2 (4 layers, d=256, d_ff=1024, 8k byte-level BPE)
+  # trained from scratch on WikiText-2 valid (the model folder is not committed: rebuilt when missing)
+  [ -f results/gpt2_wikitext2/base/model/config.json ] || \
+  $PY recipes/mpoe_gpt2.py --from-scratch --train-tokenizer 8192 --n-embd 256 --n-layer 4 --n-head 4 \
+    --variant dense --train-file "$DATA/wikitext-2/valid.txt" --test-file "$DATA/wikitext-2/test.txt" --epochs 3 \
+    --lr 1e-3 --batch-size 16 --num-generate 0 --threads 1 --quiet --save-model --output-dir results/gpt2_wikitext2/base
+}
 main() {  # the whole script is parsed before it runs (safe to edit while a run is going)
 case "${1:-all}" in
   glue|all)
@@ -63,10 +71,7 @@ case "${1:-all}" in
     W="$DATA/wikitext-2"
     # stage 1: a small dense GPT-2 (4 layers, d=256, d_ff=1024, 8k byte-level BPE) trained from
     # scratch on WikiText-2 valid; stage 2: every variant is upcycled from it and trained 1 more epoch
-    [ -f results/gpt2_wikitext2/base/results.json ] || \
-    $PY recipes/mpoe_gpt2.py --from-scratch --train-tokenizer 8192 --n-embd 256 --n-layer 4 --n-head 4 \
-      --variant dense --train-file "$W/valid.txt" --test-file "$W/test.txt" --epochs 3 --lr 1e-3 \
-      --batch-size 16 --num-generate 0 --threads 1 --quiet --save-model --output-dir results/gpt2_wikitext2/base
+    gpt2_base
     COMMON=(--model results/gpt2_wikitext2/base/model --train-file "$W/valid.txt" --test-file "$W/test.txt"
             --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads 1 --quiet)
     $PY recipes/ablations.py --recipe gpt2 --variants dense,switch,moe,mpoe,mpoe-wo-gm,mpoe-wo-ps \
@@ -84,6 +89,7 @@ case "${1:-all}" in
     # m in {3,5,7,9} x bond caps {lossless,256,64,16}; 3 seeds for the m = 5 column and the
     # lossless row, 1 elsewhere. Lossless runs of the studies above are reused (same names).
     W2="$DATA/wikitext-2"
+    gpt2_base
     LM=(--model results/gpt2_wikitext2/base/model --train-file "$W2/valid.txt" --test-file "$W2/test.txt"
         --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads "${THREADS:-1}" --quiet)
     FACT=(--ms 3,5,7,9 --max-bonds lossless,256,64,16)
