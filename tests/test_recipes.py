@@ -504,6 +504,15 @@ def _marker_main(log: Path, delay: float = 0.0):
     return main
 
 
+def _fake_study(tmp_path, variants, seeds, delay=0.0):
+    """``(log, main, runs, runs_dir)`` of a study whose recipe only logs what it runs."""
+    log = tmp_path / "log.txt"
+    main = _marker_main(log, delay)
+    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
+    runs = studies.grid(recipe, tasks=["-"], variants=variants, ms=[3], seeds=seeds, passthrough=[])
+    return log, main, runs, tmp_path / "runs"
+
+
 def _hold_claim(runs_dir, name, ready, release, die):
     claim = studies.RunClaim(runs_dir, name)
     assert claim.acquire()
@@ -517,11 +526,7 @@ def _hold_claim(runs_dir, name, ready, release, die):
 def test_run_study_claims_live_and_takes_over_dead(tmp_path):
     import multiprocessing as mp
 
-    log = tmp_path / "log.txt"
-    main = _marker_main(log)
-    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
-    runs = studies.grid(recipe, tasks=["-"], variants=["mpoe"], ms=[3], seeds=[1, 2], passthrough=[])
-    runs_dir = tmp_path / "runs"
+    log, main, runs, runs_dir = _fake_study(tmp_path, ["mpoe"], seeds=[1, 2])
     ctx = mp.get_context("fork")
     procs = []
     for run, die in ((runs[0], False), (runs[1], True)):
@@ -734,11 +739,7 @@ def test_paired_bootstrap():
 def test_run_study_waits_for_runs_held_elsewhere(tmp_path):
     import multiprocessing as mp
 
-    log = tmp_path / "log.txt"
-    main = _marker_main(log)
-    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
-    runs = studies.grid(recipe, tasks=["-"], variants=["a"], ms=[3], seeds=[1, 2], passthrough=[])
-    runs_dir = tmp_path / "runs"
+    log, main, runs, runs_dir = _fake_study(tmp_path, ["a"], seeds=[1, 2])
 
     def holder(ready):
         claim = studies.RunClaim(runs_dir, runs[0].name)
