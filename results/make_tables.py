@@ -83,9 +83,10 @@ def glue_table():
                                                for k in common):
                 ex = [(by_seed[k]["test"]["examples"][task], dense[k]["test"]["examples"][task]) for k in common]
                 for k, (a, b) in zip(common, ex):
-                    if a["labels"] != b["labels"] or a.get("ids") != b.get("ids"):
+                    if a["labels"] != b["labels"] or ("ids" in a and "ids" in b and a["ids"] != b["ids"]):
                         raise ValueError(f"{task} seed {k}: {v} and dense were scored on different test examples")
-                ids = [a["ids"] for a, _ in ex] if all("ids" in a for a, _ in ex) else None
+                # runs from before ids were stored: resample each seed on its own (see significance.py)
+                ids = [a["ids"] for a, _ in ex] if all("ids" in a and "ids" in b for a, b in ex) else None
                 boot = paired_bootstrap(metric, [(a["predictions"], b["predictions"], a["labels"]) for a, b in ex],
                                         ids=ids)
                 row.update(diff=boot, ttest_p=seed_ttest([by_seed[k]["test"]["tasks"][task][metric] for k in common],
