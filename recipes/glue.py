@@ -179,10 +179,10 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
                                     max_length=args.max_length, batch_size=max(args.batch_size, 32),
                                     device=model.device, desc=desc, quiet=args.quiet)
             per_task[t.name] = glue_metrics(t, preds, labels)
-            rows = splits[t.name][split_index]
-            predictions[t.name] = {"predictions": [round(float(p), 5) for p in preds],
-                                   "labels": [float(y) if t.num_labels == 1 else int(y) for y in labels],
-                                   "ids": [int(i) for i in rows["dev_index"]]}
+            if keep_predictions:
+                predictions[t.name] = {"predictions": [round(float(p), 5) for p in preds],
+                                       "labels": [float(y) if t.num_labels == 1 else int(y) for y in labels],
+                                       "ids": [int(i) for i in splits[t.name][split_index]["dev_index"]]}
         res = {"tasks": per_task, "score": float(np.mean([m["score"] for m in per_task.values()]))}
         if keep_predictions:  # per-example test outputs, for paired significance tests between runs
             res["examples"] = predictions

@@ -143,10 +143,6 @@ class RunClaim:
         self.path = runs_dir / f"{name}.claim"
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> bool:
         """True if this process now holds the run; False if another live process does."""
         import fcntl
@@ -305,17 +301,17 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool) -
     return sorted(front, key=lambda i: points[i][0])
 
 
-def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, cost_key: str = "total_params",
-                label: Callable[[dict], str] = lambda r: str(r.get("m")), title: str = "") -> list[dict]:
-    """Quality (headline mean, error bar = std over seeds) against ``cost_key`` (millions), every
-    row labelled ``label(row)``, the Pareto front joined by a line; returns the front's rows."""
+def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, label: Callable[[dict], str],
+                title: str = "") -> None:
+    """Quality (headline mean, error bar = std over seeds) against total parameters (millions),
+    every row labelled ``label(row)``, the Pareto front joined by a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = recipe.headline
-    pts = [(r[cost_key] / 1e6, r[f"{metric}_mean"]) for r in rows]
+    pts = [(r["total_params"] / 1e6, r[f"{metric}_mean"]) for r in rows]
     front = pareto_front(pts, recipe.lower_is_better)
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for r, (x, y) in zip(rows, pts):
@@ -324,7 +320,7 @@ def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, cost_key: 
         ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="tab:red", alpha=0.6,
             label="Pareto front")
-    ax.set_xlabel(cost_key.replace("_", " ") + " (M)")
+    ax.set_xlabel("total parameters (M)")
     ax.set_ylabel(metric.replace("_", " ") + (" (lower is better)" if recipe.lower_is_better else ""))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -333,7 +329,6 @@ def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, cost_key: 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [rows[i] for i in front]
 
 
 def run_row(result: dict) -> dict:
