@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from run_io import write_rows
+from run_io import RecipeError, write_rows
 
 
 @dataclass(frozen=True)
@@ -167,12 +167,67 @@ class RunClaim:
             self._fd = None
 
 
+#: recipe options that do not change what a run computes: where it reads its data and writes its
+#: output, how much it prints, how many threads it uses (its timings, not its numbers)
+IGNORED_OPTIONS = ("--output-dir", "--quiet", "--threads", "--save-model", "--data-dir", "--train-file", "--test-file")
+
+
+class StudyError(RecipeError):
+    """A finished run in the study's folder cannot be reused for this study."""
+
+
+def option_values(argv: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``['--lr', '5e-5', '--quiet']`` -> ``{'--lr': (5e-05,), '--quiet': ()}``: numbers as
+    floats, the values of a repeated option joined in order, without :data:`IGNORED_OPTIONS`."""
+    out: dict[str, tuple[str, ...]] = {}
+    key = None
+    for token in argv:
+        if token.startswith("--"):
+            key, _, inline = token.partition("=")
+            out.setdefault(key, ())
+            if inline:
+                out[key] += (inline,)
+        elif key is not None:
+            out[key] += (token,)
+        else:
+            raise StudyError(f"cannot read recipe arguments {list(argv)}: {token!r} precedes every option")
+    return {k: tuple(_canonical(x) for x in v) for k, v in out.items() if k not in IGNORED_OPTIONS}
+
+
+def _canonical(value: str) -> str | float:
+    """A number as a float (``5e-5`` and ``5e-05`` are the same learning rate), else the text."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def check_reusable(run: StudyRun, result: dict, path: Path) -> None:
+    """Raise :class:`StudyError` when the finished run at ``path`` was made with other recipe
+    options than ``run`` asks for (so a changed option never silently reuses an old run). Options
+    in :data:`IGNORED_OPTIONS` and the order of options do not count; a result without ``argv``
+    (not written by a recipe) is not checked."""
+    stored = result.get("argv")
+    if stored is None:
+        return
+    have, want = option_values(stored), option_values(run.argv)
+    if have != want:
+        def show(opts, k):
+            return " ".join(map(str, opts[k])) if k in opts else "(absent)"
+        diff = [f"{k}: {show(have, k)} there, {show(want, k)} here"
+                for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        raise StudyError(
+            f"{path} was made with other options than run {run.name!r} asks for ({'; '.join(diff)}). "
+            f"Delete {path.parent} to rerun it, or give this study another --output-dir")
+
+
 def run_study(main: Callable[[list[str]], dict], runs: Sequence[StudyRun], runs_dir: Path,
               existing_only: bool = False, wait: bool = False,
               poll_seconds: float = 30.0) -> list[tuple[StudyRun, dict]]:
     """Run each run whose ``runs_dir/<name>/results.json`` does not exist yet (so an interrupted
     study resumes) by calling ``main(argv + ['--output-dir', ...])``; return ``(run, result)``
     for the finished ones, in order. With ``existing_only``, missing runs are skipped instead.
+    A finished run is reused only if it was made with the same options (:func:`check_reusable`).
 
     Runs are claimed (:class:`RunClaim`), so the same command started N times side by side
     works through the runs in parallel; a run another live process holds is skipped here, or,
@@ -194,6 +249,7 @@ def _run_all(main, runs, runs_dir: Path, existing_only: bool, done: dict, quiet:
         path = runs_dir / run.name / "results.json"
         step = f"[{i + 1}/{len(runs)}] {run.name}:"
         if path.is_file():
+            check_reusable(run, json.loads(path.read_text()), path)
             if not quiet:
                 print(f"{step} done earlier, reusing {path}", flush=True)
         elif existing_only:

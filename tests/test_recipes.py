@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -487,6 +488,35 @@ def test_run_study_resumes_and_existing_only(tmp_path):
     assert [r["seed"] for _, r in first] == [1] and [(run.name, r["seed"]) for run, r in both] == [
         ("t-mpoe-m3-s1", 1), ("t-mpoe-m3-s2", 2)]
     assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]  # the first run was not repeated
+
+
+def test_run_study_refuses_a_finished_run_made_with_other_options(tmp_path):
+    calls = []
+
+    def main(argv):  # writes its argv, as every recipe's results.json does
+        calls.append(argv)
+        out = Path(argv[argv.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"argv": argv}))
+
+    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
+
+    def runs(*passthrough):
+        return studies.grid(recipe, tasks=["-"], variants=["mpoe"], ms=[3], seeds=[1], passthrough=list(passthrough))
+
+    studies.run_study(main, runs("--lr", "5e-5", "--epochs", "3", "--threads", "1"), tmp_path)
+    # the same options in another spelling/order, or other ignored options: reused, not rerun
+    same = studies.run_study(main, runs("--epochs", "3.0", "--lr", "5e-05", "--threads", "2", "--quiet"), tmp_path)
+    assert len(same) == 1 and len(calls) == 1
+    for other, named in ((("--lr", "1e-4", "--epochs", "3"), "--lr: 5e-05 there, 0.0001 here"),
+                         (("--lr", "5e-5"), "--epochs: 3.0 there, (absent) here"),
+                         (("--lr", "5e-5", "--epochs", "3", "--max-bond", "64"), "--max-bond: (absent) there, 64.0 here")):
+        with pytest.raises(studies.StudyError, match=re.escape(named)):
+            studies.run_study(main, runs(*other), tmp_path)
+        with pytest.raises(studies.StudyError):
+            studies.run_study(main, runs(*other), tmp_path, existing_only=True)
+    assert len(calls) == 1  # never rerun over, never silently reused
+    assert studies.option_values(["--a=1", "--b", "x", "y", "--flag"]) == {"--a": (1.0,), "--b": ("x", "y"), "--flag": ()}
 
 
 def _marker_main(log: Path, delay: float = 0.0):
