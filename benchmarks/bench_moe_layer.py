@@ -24,8 +24,13 @@ GEMM rate, the floor of any dense-expert layer.
 3x the layer's reconstruction FLOPs per step (forward + backward) at the GEMM rate measured in
 this run (a ``(3072, 768) x (768, N/8)`` matmul, an expert's own GEMM).
 
+``--allocator retain`` (the default) runs the whole process under
+:func:`tnmoe.retain_freed_cpu_memory` (freed memory is reused without page faults), which
+every layer gets alike; ``--allocator default`` leaves the C library's behaviour.
+
     python benchmarks/bench_moe_layer.py --tokens N [--accumulate K] [--p-b P] [--max-bond B]
-                                         [--device cpu|cuda] [--dtype float32|bfloat16] [--json F]
+                                         [--device cpu|cuda] [--dtype float32|bfloat16]
+                                         [--allocator retain|default] [--json F]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from torch import nn
 
 from _timing import interleaved, write_report
+from tnmoe import retain_freed_cpu_memory
 from tnmoe.moe import DenseExpertBank, ExpertFFN, GradientMask, MoELayer, MPOExpertBank, SwitchRouter
 from tnmoe.networks import accumulate_reconstruction, mpo_core_shapes
 from tnmoe.networks.chain import chain_plan
@@ -88,8 +94,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bfloat16: autocast (weights stay float32)")
+    ap.add_argument("--allocator", default="retain", choices=["retain", "default"],
+                    help="retain: tnmoe.retain_freed_cpu_memory() for the whole run (every layer); "
+                         "default: the C library's own behaviour")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    retained = retain_freed_cpu_memory() if args.allocator == "retain" else False
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -158,7 +168,7 @@ def main() -> None:
     cache_check = _cache_check_seconds(eval_layers["tnmoe_mpoe_eval_cached"], xs[0], sync)
     print(f"device={dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}) dtype={args.dtype} "
           f"torch={torch.__version__} threads={torch.get_num_threads()} tokens={args.tokens} "
-          f"accumulate={args.accumulate} p_b={args.p_b} experts={E} top-1; median of {args.repeats} interleaved "
+          f"accumulate={args.accumulate} p_b={args.p_b} experts={E} top-1 retained_memory={retained}; median of {args.repeats} interleaved "
           f"steps ({time.perf_counter() - t0:.0f}s); GEMM rate {gemm_rate / 1e9:.1f} GFLOP/s")
     # the expert matmuls alone (top-1: every token through one 768x3072 and one 3072x768 matrix,
     # forward + 2x backward) at the GEMM rate: what any dense-expert layer must spend
@@ -187,7 +197,8 @@ def main() -> None:
           f"({100 * cache_check / t['tnmoe_mpoe_eval_cached']:.1f}% of it)")
     write_report(args.json, device=dev, tokens=args.tokens, rows=rows,
                  extra={"accumulate": args.accumulate, "p_b": args.p_b, "dtype": args.dtype,
-                        "gemm_gflops": gemm_rate / 1e9, "max_bond": args.max_bond})
+                        "gemm_gflops": gemm_rate / 1e9, "max_bond": args.max_bond,
+                        "retain_freed_cpu_memory": retained})
 
 
 def _cache_check_seconds(layer: MoELayer, x: torch.Tensor, sync) -> float:

@@ -8,5 +8,7 @@ OUT=results/benchmarks
 mkdir -p "$OUT"
 $PY benchmarks/bench_mpo_linear.py --repeats 9 --json "$OUT/mpo_linear_cpu.json"
 $PY benchmarks/bench_moe_layer.py --tokens 4096 --repeats 5 --json "$OUT/moe_layer_cpu_4096.json"
+$PY benchmarks/bench_moe_layer.py --tokens 4096 --repeats 5 --allocator default \
+  --json "$OUT/moe_layer_cpu_4096_default_allocator.json"
 $PY benchmarks/bench_moe_layer.py --tokens 4096 --accumulate 4 --repeats 3 --json "$OUT/moe_layer_cpu_4096_acc4.json"
 $PY benchmarks/bench_moe_layer.py --tokens 16384 --repeats 3 --json "$OUT/moe_layer_cpu_16384.json"

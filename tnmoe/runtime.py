@@ -1,0 +1,54 @@
+"""Process settings that make tnmoe's training steps cheaper on CPU.
+
+An MPO training step allocates and frees large buffers every step (the rebuilt expert weights
+``(E, out, in)`` and their gradients, tens of MB each). glibc serves allocations above its mmap
+threshold with fresh pages from the kernel and returns them on ``free``, so every step pays a
+page fault per 4 KiB of each buffer. :func:`retain_freed_cpu_memory` makes the process keep
+freed memory for reuse instead (what the CUDA caching allocator does on GPUs).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+__all__ = ["retain_freed_cpu_memory"]
+
+# mallopt(3) parameters (glibc <malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# glibc's defaults, restored by retain_freed_cpu_memory(False)
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def retain_freed_cpu_memory(enable: bool = True) -> bool:
+    """Keep memory freed by this process for reuse instead of returning it to the kernel
+    (glibc: ``M_MMAP_MAX = 0``, so large blocks come from the heap, and no heap trimming).
+
+    Measured on 2 CPU cores, one MoE FFN layer (768/3072, 8 experts, 4,096 tokens, forward and
+    backward): lossless MPOE steps 9-16% faster, bonds capped at 64 9-17%, the dense-expert MoE
+    within noise (``benchmarks/bench_moe_layer.py --allocator``). The cost: the process's resident
+    memory stays at its peak. Process-wide, like ``torch.set_num_threads``; call it once at
+    start-up. ``enable=False`` restores glibc's default limits.
+
+    Returns whether the setting took effect (``False`` where the C library is not glibc, e.g.
+    macOS, Windows or musl: nothing is changed there).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    mmap_max, trim = (0, _NEVER_TRIM) if enable else (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
+    return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
