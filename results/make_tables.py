@@ -30,8 +30,8 @@ def mean_std(xs):
 
 def glue_runs():
     """The variant grid's runs, ``{(task, variant): {seed: result}}``: folders named
-    ``<task>-<variant>-m5-s<seed>`` (the factorization study's runs in the same folder carry a
-    bond part or another m, and are not variants of the table)."""
+    ``<task>-<variant>-m5-s<seed>`` (the STS-B factorization study keeps its runs in its own
+    folder, ``glue_minilm/factorization_stsb``)."""
     import re
 
     runs = {}
@@ -145,4 +145,4 @@ if __name__ == "__main__":
     glue_table()
     gpt2_table()
     factorization_table("gpt2_wikitext2/factorization.json", "test PPL")
-    factorization_table("glue_minilm/factorization.json", "STS-B Pearson")
+    factorization_table("glue_minilm/factorization_stsb/factorization.json", "STS-B Pearson")

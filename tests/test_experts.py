@@ -175,6 +175,21 @@ def test_reconstruction_strategies_agree():
         bank.weights()
 
 
+def test_auto_strategy_batches_on_cpu_only_where_freed_memory_is_retained(monkeypatch):
+    import tnmoe.runtime as runtime
+
+    bank = MPOExpertBank(num_experts=3, in_factors=[2, 3, 2], out_factors=[3, 2, 2])
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setattr(runtime, "_retained", False)
+    assert bank._strategy(torch.device("cpu")) == "loop"  # fresh E-fold buffers would page-fault
+    monkeypatch.setattr(runtime, "_retained", True)
+    assert bank._strategy(torch.device("cpu")) == "batched"
+    monkeypatch.setattr(runtime, "_retained", False)
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    assert bank._strategy(torch.device("cpu")) == "batched"
+    assert bank._strategy(torch.device("cuda")) == "batched"
+
+
 # --- the weight cache is never stale ------------------------------------------------------------
 def test_mpolinear_cache_sees_edits_through_data():
     layer = MPOLinear(in_features=64, out_features=48, m=3, mode="reconstruct").eval()

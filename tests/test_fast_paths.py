@@ -35,7 +35,8 @@ def test_chain_rebuild_equals_einsum(in_f, out_f, max_bond, batched):
     cores = [torch.randn(((3,) if b else ()) + s, dtype=torch.float64, generator=g, requires_grad=True)
              for s, b in zip(shapes, flags)]
     engine = ContractionEngine()
-    plan = chain_plan(tuple(shapes))
+    plan = chain_plan(tuple(shapes), tuple(flags) if any(flags) else None)
+    assert plan.flops == chain_plan(tuple(shapes)).flops  # the layout only breaks ties
     assert plan.flops <= engine.flops(reconstruct_equation(m), shapes) * (1 + 1e-9)  # never worse
     W = chain_reconstruct(cores, flags, plan, engine.contract)
     ref = engine.contract(reconstruct_equation(m, flags), *cores)
@@ -53,6 +54,12 @@ def test_engine_uses_the_chain_for_mpo_matrices():
     assert engine.rebuild_method(mpo_core_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4])) == "chain"
     plan = chain_plan(tuple(mpo_core_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4])))
     assert (plan.center, plan.right_first) == (2, True)  # L @ (C @ R) around the central core
+    # experts sharing the central core: (L @ C) @ R costs the same and L @ C folds the experts
+    # into one GEMM; every core shared or every core stacked: nothing folds, L @ (C @ R) stays
+    shapes = tuple(mpo_core_shapes([3, 4, 4, 4, 4], [4, 4, 8, 6, 4]))
+    assert (lambda p: (p.center, p.right_first))(chain_plan(shapes, (True, True, False, True, True))) == (2, False)
+    assert chain_plan(shapes, (True,) * 5).right_first and chain_plan(shapes, (False,) * 5).right_first
+    assert chain_plan(shapes, (True, True, False, True, True)).flops == plan.flops
     # 192*192*12288 + 6144*384*384 multiply-adds: the cheapest rebuild of a 3072x768 expert
     gemms = 2 * (192 * 192 * 12288 + 6144 * 384 * 384)
     assert gemms <= plan.flops <= 1.01 * gemms  # plus the small outer parts

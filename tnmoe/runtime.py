@@ -4,22 +4,27 @@ An MPO training step allocates and frees large buffers every step (the rebuilt e
 ``(E, out, in)`` and their gradients, tens of MB each). glibc serves allocations above its mmap
 threshold with fresh pages from the kernel and returns them on ``free``, so every step pays a
 page fault per 4 KiB of each buffer. :func:`retain_freed_cpu_memory` makes the process keep
-freed memory for reuse instead (what the CUDA caching allocator does on GPUs).
+freed memory for reuse instead (what the CUDA caching allocator does on GPUs): once the heap has
+grown to a step's peak (the first steps), later steps take no page faults for these buffers.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
-__all__ = ["retain_freed_cpu_memory"]
+__all__ = ["retain_freed_cpu_memory", "freed_cpu_memory_retained"]
 
 # mallopt(3) parameters (glibc <malloc.h>)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 # glibc's defaults, restored by retain_freed_cpu_memory(False)
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
+# mirrors the C library's process-wide setting (which cannot be read back): whether the last
+# retain_freed_cpu_memory call enabled it
+_retained = False
 
 
 def _glibc():
@@ -42,13 +47,29 @@ def retain_freed_cpu_memory(enable: bool = True) -> bool:
     backward): lossless MPOE steps 9-16% faster, bonds capped at 64 9-17%, the dense-expert MoE
     within noise (``benchmarks/bench_moe_layer.py --allocator``). The cost: the process's resident
     memory stays at its peak. Process-wide, like ``torch.set_num_threads``; call it once at
-    start-up. ``enable=False`` restores glibc's default limits.
+    start-up. ``enable=False`` restores glibc's default limits and returns the free heap memory.
+
+    With it on, MPO banks' ``reconstruct_strategy="auto"`` rebuilds all matrices in one
+    batched contraction on CPU (:func:`freed_cpu_memory_retained`).
 
     Returns whether the setting took effect (``False`` where the C library is not glibc, e.g.
     macOS, Windows or musl: nothing is changed there).
     """
+    global _retained
     libc = _glibc()
     if libc is None:
         return False
     mmap_max, trim = (0, _NEVER_TRIM) if enable else (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
-    return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
+    ok = bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
+    if not enable:
+        libc.malloc_trim(0)  # hand back what the heap kept meanwhile
+    _retained = enable and ok
+    return ok
+
+
+def freed_cpu_memory_retained() -> bool:
+    """Whether large CPU buffers are reused without page faults: :func:`retain_freed_cpu_memory`
+    is on, or the process started with ``MALLOC_MMAP_MAX_=0``. MPO banks then rebuild all their
+    matrices in one batched contraction on CPU too (large intermediates are cheap to allocate),
+    else one matrix at a time."""
+    return _retained or os.environ.get("MALLOC_MMAP_MAX_") == "0"

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..runtime import freed_cpu_memory_retained
 from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import ContractionEngine, ContractionPlan, default_engine
 from .decompose import check_bond
@@ -131,8 +132,9 @@ class MPOBank(nn.Module):
         self.cores = nn.ParameterList([c if isinstance(c, nn.Parameter) else nn.Parameter(c) for c in cores])
         self._engine = engine
         self.cache_weights = cache_weights
-        #: how :meth:`weights` contracts several matrices: "batched" (one einsum with a matrix
-        #: axis), "loop" (one at a time) or "auto" (batched on CUDA, loop elsewhere)
+        #: how :meth:`weights` contracts several matrices: "batched" (one contraction with a
+        #: matrix axis), "loop" (one at a time) or "auto" (batched on CUDA, and on CPU when freed
+        #: memory is retained (:func:`tnmoe.retain_freed_cpu_memory`); loop otherwise)
         self.reconstruct_strategy = "auto"
         #: the inference weight cache (:class:`DerivedTensorCache`; ``hits``/``misses`` count its use)
         self.weight_cache = DerivedTensorCache()
@@ -311,8 +313,8 @@ class MPOBank(nn.Module):
         s = self.reconstruct_strategy
         if s not in RECONSTRUCT_STRATEGIES:
             raise ValueError(f"reconstruct_strategy must be one of {RECONSTRUCT_STRATEGIES}, got {s!r}")
-        if s == "auto":
-            return "batched" if device.type == "cuda" else "loop"
+        if s == "auto":  # batched allocates E-fold intermediates: cheap where memory is reused
+            return "batched" if device.type == "cuda" or freed_cpu_memory_retained() else "loop"
         return s
 
     def use_weight_cache(self) -> bool:

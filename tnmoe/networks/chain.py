@@ -69,9 +69,15 @@ def _part_flops(shapes: Sequence[Shape], left: bool) -> float:
 
 
 @lru_cache(maxsize=4096)
-def chain_plan(core_shapes: tuple[Shape, ...]) -> ChainPlan:
+def chain_plan(core_shapes: tuple[Shape, ...], batched: tuple[bool, ...] | None = None) -> ChainPlan:
     """The cheapest centre and order for cores ``(r, o, i, r')`` of one matrix; among equally
-    cheap plans, the largest core as centre (so the two GEMMs carry the work) and ``L @ (C @ R)``."""
+    cheap plans, the largest core as centre (so the two GEMMs carry the work), then the order
+    whose first GEMM folds the expert axis into one large GEMM, else ``L @ (C @ R)``.
+
+    ``batched`` (one flag per core: stacked per matrix, else shared): with a shared centre and a
+    stacked left part, ``L @ C`` is one ``(E A, r) x (r, B r')`` GEMM for all matrices, where
+    ``C @ R`` and ``L @ T`` stay E separate GEMMs (measured on 2 CPU cores, lossless 768x3072
+    MPOE experts: the step 7% faster)."""
     cands = []
     for c in range(len(core_shapes)):
         left, (r, o, i, r2), right = core_shapes[:c], core_shapes[c], core_shapes[c + 1:]
@@ -84,7 +90,9 @@ def chain_plan(core_shapes: tuple[Shape, ...]) -> ChainPlan:
         # (L @ C) @ R: (A, r) x (r, B r') then (A B, r') x (r', D)
         left_first = 2.0 * (A * r * B * r2 + A * B * r2 * D) if left else 2.0 * r * B * r2 * D
         size = r * B * r2
-        cands += [(outer + right_first, -size, 0, c, True), (outer + left_first, -size, 1, c, False)]
+        folds_left = bool(batched) and not batched[c] and any(batched[:c])
+        cands += [(outer + right_first, -size, int(folds_left), c, True),
+                  (outer + left_first, -size, int(not folds_left), c, False)]
     cheapest = min(f for f, *_ in cands)
     ties = [t for t in cands if t[0] <= cheapest * (1 + 1e-9)]
     flops, _, _, c, rf = min(ties, key=lambda t: t[1:3])
