@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+import tnmoe
 import tnmoe.moe as moe
 
 
@@ -28,8 +29,13 @@ class RecipeError(Exception):
     """A user error: printed as one line, exit status 2, nothing written."""
 
 
-def run_main(main: Callable[[], object]) -> None:
-    """Run ``main()``, turning :class:`RecipeError` into a one-line message and exit status 2."""
+def run_main(main: Callable[[], object], retain_cpu_memory: bool = True) -> None:
+    """Run ``main()``, turning :class:`RecipeError` into a one-line message and exit status 2.
+
+    A recipe run as a program first calls :func:`tnmoe.retain_freed_cpu_memory` (CPU training
+    steps of MPO models 5-15% faster, measured; glibc only, a no-op elsewhere)."""
+    if retain_cpu_memory:
+        tnmoe.retain_freed_cpu_memory()
     try:
         main()
     except RecipeError as err:

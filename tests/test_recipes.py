@@ -608,7 +608,7 @@ def test_split_passthrough():
 # --- bad input: clear message, exit status 2, nothing written ------------------------------------
 def _fails(main, argv, capsys, match):
     with pytest.raises(SystemExit) as exc:
-        run_io.run_main(lambda: main(argv))
+        run_io.run_main(lambda: main(argv), retain_cpu_memory=False)  # process-wide: not in pytest
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
