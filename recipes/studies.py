@@ -167,18 +167,22 @@ class RunClaim:
             self._fd = None
 
 
-#: recipe options that do not change what a run computes: where it reads its data and writes its
-#: output, how much it prints, how many threads it uses (its timings, not its numbers)
-IGNORED_OPTIONS = ("--output-dir", "--quiet", "--threads", "--save-model", "--data-dir", "--train-file", "--test-file")
+#: recipe options that do not change what a run computes: where it writes its output, how much
+#: it prints, how many threads it uses (its timings, not its numbers)
+IGNORED_OPTIONS = ("--output-dir", "--quiet", "--threads", "--save-model")
+#: data locations: compared by file or folder name, so the same data elsewhere (another
+#: checkout's ``../shared/data``) reuses a run while a different file does not
+DATA_PATH_OPTIONS = ("--data-dir", "--train-file", "--validation-file", "--test-file")
 
 
 class StudyError(RecipeError):
     """A finished run in the study's folder cannot be reused for this study."""
 
 
-def option_values(argv: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def option_values(argv: Sequence[str]) -> dict[str, tuple[str | int | float, ...]]:
     """``['--lr', '5e-5', '--quiet']`` -> ``{'--lr': (5e-05,), '--quiet': ()}``: numbers as
-    floats, the values of a repeated option joined in order, without :data:`IGNORED_OPTIONS`."""
+    numbers, :data:`DATA_PATH_OPTIONS` by name, the values of a repeated option joined in order,
+    without :data:`IGNORED_OPTIONS`."""
     out: dict[str, tuple[str, ...]] = {}
     key = None
     for token in argv:
@@ -191,22 +195,28 @@ def option_values(argv: Sequence[str]) -> dict[str, tuple[str, ...]]:
             out[key] += (token,)
         else:
             raise StudyError(f"cannot read recipe arguments {list(argv)}: {token!r} precedes every option")
-    return {k: tuple(_canonical(x) for x in v) for k, v in out.items() if k not in IGNORED_OPTIONS}
+    return {k: tuple(Path(x).name if k in DATA_PATH_OPTIONS else _canonical(x) for x in v)
+            for k, v in out.items() if k not in IGNORED_OPTIONS}
 
 
-def _canonical(value: str) -> str | float:
-    """A number as a float (``5e-5`` and ``5e-05`` are the same learning rate), else the text."""
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def _canonical(value: str) -> str | int | float:
+    """An integer as an int, another number as a float (``5e-5`` and ``5e-05`` are the same
+    learning rate; NaN stays text, since NaN != NaN), else the text."""
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        return value if number != number else number
+    return value
 
 
 def check_reusable(run: StudyRun, result: dict, path: Path) -> None:
     """Raise :class:`StudyError` when the finished run at ``path`` was made with other recipe
     options than ``run`` asks for (so a changed option never silently reuses an old run). Options
     in :data:`IGNORED_OPTIONS` and the order of options do not count; a result without ``argv``
-    (not written by a recipe) is not checked."""
+    (not written by a recipe) is not checked. This compares command lines: a run made before a
+    recipe's default or code changed is still reused."""
     stored = result.get("argv")
     if stored is None:
         return
@@ -263,7 +273,9 @@ def _run_all(main, runs, runs_dir: Path, existing_only: bool, done: dict, quiet:
                 held_elsewhere.append(run)
                 continue
             try:
-                if not path.is_file():  # finished by another process between our check and claim
+                if path.is_file():  # finished by another process between our check and claim
+                    check_reusable(run, json.loads(path.read_text()), path)
+                else:
                     print(f"{step} python recipes/... {' '.join(run.argv)}", flush=True)
                     main(run.argv + ["--output-dir", str(runs_dir / run.name)])
             finally:

@@ -180,14 +180,17 @@ def test_auto_strategy_batches_on_cpu_only_where_freed_memory_is_retained(monkey
 
     bank = MPOExpertBank(num_experts=3, in_factors=[2, 3, 2], out_factors=[3, 2, 2])
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
-    monkeypatch.setattr(runtime, "_retained", False)
+    monkeypatch.setattr(runtime, "_retained", None)
     assert bank._strategy(torch.device("cpu")) == "loop"  # fresh E-fold buffers would page-fault
+    assert bank._strategy(torch.device("cuda")) == "batched"
     monkeypatch.setattr(runtime, "_retained", True)
     assert bank._strategy(torch.device("cpu")) == "batched"
-    monkeypatch.setattr(runtime, "_retained", False)
+    assert bank._strategy(torch.device("mps")) == "loop"  # glibc's setting says nothing there
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
-    assert bank._strategy(torch.device("cpu")) == "batched"
-    assert bank._strategy(torch.device("cuda")) == "batched"
+    monkeypatch.setattr(runtime, "_retained", False)  # an explicit retain_freed_cpu_memory(False) wins
+    assert bank._strategy(torch.device("cpu")) == "loop"
+    monkeypatch.setattr(runtime, "_retained", None)
+    assert bank._strategy(torch.device("cpu")) == ("batched" if runtime._glibc() else "loop")
 
 
 # --- the weight cache is never stale ------------------------------------------------------------

@@ -16,6 +16,7 @@ from tnmoe.networks import (
     mpo_core_shapes,
     reconstruct_equation,
 )
+import tnmoe.networks.chain as chain_mod
 from tnmoe.networks.chain import chain_plan, chain_reconstruct
 
 
@@ -60,9 +61,50 @@ def test_engine_uses_the_chain_for_mpo_matrices():
     assert (lambda p: (p.center, p.right_first))(chain_plan(shapes, (True, True, False, True, True))) == (2, False)
     assert chain_plan(shapes, (True,) * 5).right_first and chain_plan(shapes, (False,) * 5).right_first
     assert chain_plan(shapes, (True, True, False, True, True)).flops == plan.flops
+    # a centre the gradient mask froze keeps L @ (C @ R): its backward skips the 2x larger dC
+    assert chain_plan(shapes, (True, True, False, True, True), (False, False, True, False, False)).right_first
     # 192*192*12288 + 6144*384*384 multiply-adds: the cheapest rebuild of a 3072x768 expert
     gemms = 2 * (192 * 192 * 12288 + 6144 * 384 * 384)
     assert gemms <= plan.flops <= 1.01 * gemms  # plus the small outer parts
+
+
+def test_masked_centre_rebuilds_right_first_and_skips_its_gradient():
+    """With the shared centre frozen (a masked step) the rebuild takes L @ (C @ R); values and
+    the other cores' gradients equal an unmasked rebuild's, and the centre gets none."""
+    from tnmoe.moe import MPOExpertBank
+
+    torch.manual_seed(0)
+    bank = MPOExpertBank(num_experts=3, in_factors=[3, 4, 4, 4, 4], out_factors=[4, 4, 8, 6, 4],
+                         dtype=torch.float64)
+    bank.reconstruct_strategy = "batched"
+    probe = torch.randn(3, 3072, 768, dtype=torch.float64)
+    seen = []
+    original = chain_mod.chain_reconstruct
+
+    def spy(cores, batched, plan, contract=None):
+        seen.append(plan.right_first)
+        return original(cores, batched, plan, contract)
+
+    import tnmoe.networks.contraction as contraction
+    contraction.chain_reconstruct = spy
+    try:
+        (bank.weights() * probe).sum().backward()
+        ref = {k: p.grad.clone() for k, p in bank.named_parameters()}
+        W_ref = bank.weights().detach()
+        bank.zero_grad(set_to_none=True)
+        central = bank.cores[2]
+        central.requires_grad_(False)
+        W = bank.weights()
+        (W * probe).sum().backward()
+        central.requires_grad_(True)
+    finally:
+        contraction.chain_reconstruct = original
+    assert seen[0] is False and seen[-1] is True  # (L @ C) @ R unmasked, L @ (C @ R) masked
+    torch.testing.assert_close(W.detach(), W_ref)
+    assert central.grad is None
+    for k, p in bank.named_parameters():
+        if p is not central:
+            torch.testing.assert_close(p.grad, ref[k])
 
 
 @pytest.mark.parametrize("counts", [[5, 0, 7, 1], [0, 0, 13, 0], [3, 3, 3, 4]])

@@ -509,14 +509,20 @@ def test_run_study_refuses_a_finished_run_made_with_other_options(tmp_path):
     same = studies.run_study(main, runs("--epochs", "3.0", "--lr", "5e-05", "--threads", "2", "--quiet"), tmp_path)
     assert len(same) == 1 and len(calls) == 1
     for other, named in ((("--lr", "1e-4", "--epochs", "3"), "--lr: 5e-05 there, 0.0001 here"),
-                         (("--lr", "5e-5"), "--epochs: 3.0 there, (absent) here"),
-                         (("--lr", "5e-5", "--epochs", "3", "--max-bond", "64"), "--max-bond: (absent) there, 64.0 here")):
+                         (("--lr", "5e-5"), "--epochs: 3 there, (absent) here"),
+                         (("--lr", "5e-5", "--epochs", "3", "--max-bond", "64"), "--max-bond: (absent) there, 64 here")):
         with pytest.raises(studies.StudyError, match=re.escape(named)):
             studies.run_study(main, runs(*other), tmp_path)
         with pytest.raises(studies.StudyError):
             studies.run_study(main, runs(*other), tmp_path, existing_only=True)
     assert len(calls) == 1  # never rerun over, never silently reused
-    assert studies.option_values(["--a=1", "--b", "x", "y", "--flag"]) == {"--a": (1.0,), "--b": ("x", "y"), "--flag": ()}
+    assert studies.option_values(["--a=1", "--b", "x", "y", "--flag", "--c", "nan", "--lr", "-1e-4"]) == {
+        "--a": (1,), "--b": ("x", "y"), "--flag": (), "--c": ("nan",), "--lr": (-1e-4,)}
+    assert studies.option_values(["--seed", str(2**53 + 1)]) != studies.option_values(["--seed", str(2**53)])
+    # data by name: the same files elsewhere are the same data, another file is not
+    assert studies.option_values(["--data-dir", "../shared/data/glue", "--train-file", "/a/valid.txt"]) == \
+        studies.option_values(["--data-dir", "/data/glue", "--train-file", "b/valid.txt"])
+    assert studies.option_values(["--train-file", "w/valid.txt"]) != studies.option_values(["--train-file", "w/train.txt"])
 
 
 def _marker_main(log: Path, delay: float = 0.0):
@@ -603,6 +609,16 @@ def test_split_passthrough():
     assert studies.split_passthrough(["--recipe", "gpt2", "--", "--epochs", "1"]) == (["--recipe", "gpt2"],
                                                                                       ["--epochs", "1"])
     assert studies.split_passthrough(["--recipe", "t5"]) == (["--recipe", "t5"], [])
+
+
+def test_recipes_run_as_programs_retain_freed_cpu_memory(monkeypatch):
+    import tnmoe
+
+    calls = []
+    monkeypatch.setattr(tnmoe, "retain_freed_cpu_memory", lambda: calls.append("retain"))
+    run_io.run_main(lambda: calls.append("main"))
+    run_io.run_main(lambda: calls.append("main"), retain_cpu_memory=False)
+    assert calls == ["retain", "main", "main"]
 
 
 # --- bad input: clear message, exit status 2, nothing written ------------------------------------

@@ -1,5 +1,6 @@
 """tnmoe.retain_freed_cpu_memory: freed large buffers are reused without page faults."""
 
+import os
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ print(default, retained)
 @pytest.mark.skipif(tnmoe.runtime._glibc() is None, reason="needs glibc")
 def test_retained_memory_is_reused_without_page_faults():
     # in a child process: the setting is process-wide
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, env=env).stdout
     default, retained = map(int, out.split())
     # glibc maps fresh pages for every large tensor by default (16384 faults per refill with
     # 4 KiB pages, fewer with transparent huge pages); retained, refills reuse them
@@ -37,3 +39,4 @@ def test_retained_memory_is_reused_without_page_faults():
 def test_retain_is_a_no_op_without_glibc(monkeypatch):
     monkeypatch.setattr(tnmoe.runtime, "_glibc", lambda: None)
     assert tnmoe.retain_freed_cpu_memory() is False
+

@@ -11,7 +11,6 @@ grown to a step's peak (the first steps), later steps take no page faults for th
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -23,17 +22,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
 # mirrors the C library's process-wide setting (which cannot be read back): whether the last
-# retain_freed_cpu_memory call enabled it
-_retained = False
+# retain_freed_cpu_memory call enabled it; None before any call
+_retained: bool | None = None
 
 
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the C library this process runs on
         libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
         return None
     return libc
@@ -47,7 +47,9 @@ def retain_freed_cpu_memory(enable: bool = True) -> bool:
     backward): lossless MPOE steps 9-16% faster, bonds capped at 64 9-17%, the dense-expert MoE
     within noise (``benchmarks/bench_moe_layer.py --allocator``). The cost: the process's resident
     memory stays at its peak. Process-wide, like ``torch.set_num_threads``; call it once at
-    start-up. ``enable=False`` restores glibc's default limits and returns the free heap memory.
+    start-up. ``enable=False`` restores glibc's default limits (its dynamic mmap threshold stays
+    off, as after any ``mallopt``) and returns the free heap memory. Under an ``LD_PRELOAD``
+    allocator (jemalloc, tcmalloc) glibc's setting has no effect.
 
     With it on, MPO banks' ``reconstruct_strategy="auto"`` rebuilds all matrices in one
     batched contraction on CPU (:func:`freed_cpu_memory_retained`).
@@ -69,7 +71,9 @@ def retain_freed_cpu_memory(enable: bool = True) -> bool:
 
 def freed_cpu_memory_retained() -> bool:
     """Whether large CPU buffers are reused without page faults: :func:`retain_freed_cpu_memory`
-    is on, or the process started with ``MALLOC_MMAP_MAX_=0``. MPO banks then rebuild all their
+    is on (the last call enabled it), or, before any call, glibc runs with ``MALLOC_MMAP_MAX_=0``. MPO banks then rebuild all their
     matrices in one batched contraction on CPU too (large intermediates are cheap to allocate),
     else one matrix at a time."""
-    return _retained or os.environ.get("MALLOC_MMAP_MAX_") == "0"
+    if _retained is not None:
+        return _retained
+    return os.environ.get("MALLOC_MMAP_MAX_") == "0" and _glibc() is not None

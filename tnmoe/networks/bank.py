@@ -314,7 +314,8 @@ class MPOBank(nn.Module):
         if s not in RECONSTRUCT_STRATEGIES:
             raise ValueError(f"reconstruct_strategy must be one of {RECONSTRUCT_STRATEGIES}, got {s!r}")
         if s == "auto":  # batched allocates E-fold intermediates: cheap where memory is reused
-            return "batched" if device.type == "cuda" or freed_cpu_memory_retained() else "loop"
+            retained = device.type == "cpu" and freed_cpu_memory_retained()
+            return "batched" if device.type == "cuda" or retained else "loop"
         return s
 
     def use_weight_cache(self) -> bool:

@@ -69,7 +69,8 @@ def _part_flops(shapes: Sequence[Shape], left: bool) -> float:
 
 
 @lru_cache(maxsize=4096)
-def chain_plan(core_shapes: tuple[Shape, ...], batched: tuple[bool, ...] | None = None) -> ChainPlan:
+def chain_plan(core_shapes: tuple[Shape, ...], batched: tuple[bool, ...] | None = None,
+               frozen: tuple[bool, ...] | None = None) -> ChainPlan:
     """The cheapest centre and order for cores ``(r, o, i, r')`` of one matrix; among equally
     cheap plans, the largest core as centre (so the two GEMMs carry the work), then the order
     whose first GEMM folds the expert axis into one large GEMM, else ``L @ (C @ R)``.
@@ -77,7 +78,10 @@ def chain_plan(core_shapes: tuple[Shape, ...], batched: tuple[bool, ...] | None 
     ``batched`` (one flag per core: stacked per matrix, else shared): with a shared centre and a
     stacked left part, ``L @ C`` is one ``(E A, r) x (r, B r')`` GEMM for all matrices, where
     ``C @ R`` and ``L @ T`` stay E separate GEMMs (measured on 2 CPU cores, lossless 768x3072
-    MPOE experts: the step 7% faster)."""
+    MPOE experts: the step 7% faster). ``frozen`` (per core: gets no gradient in a backward
+    that runs, e.g. a central core the gradient mask skips this step): a frozen centre keeps
+    ``L @ (C @ R)``, whose backward then skips ``dC = dT R^T``, the larger of the two orders'
+    ``dC`` GEMMs (for MPOE, ``(L @ C) @ R`` would skip only half as much)."""
     cands = []
     for c in range(len(core_shapes)):
         left, (r, o, i, r2), right = core_shapes[:c], core_shapes[c], core_shapes[c + 1:]
@@ -90,7 +94,7 @@ def chain_plan(core_shapes: tuple[Shape, ...], batched: tuple[bool, ...] | None 
         # (L @ C) @ R: (A, r) x (r, B r') then (A B, r') x (r', D)
         left_first = 2.0 * (A * r * B * r2 + A * B * r2 * D) if left else 2.0 * r * B * r2 * D
         size = r * B * r2
-        folds_left = bool(batched) and not batched[c] and any(batched[:c])
+        folds_left = bool(batched) and not batched[c] and any(batched[:c]) and not (frozen and frozen[c])
         cands += [(outer + right_first, -size, int(folds_left), c, True),
                   (outer + left_first, -size, int(not folds_left), c, False)]
     cheapest = min(f for f, *_ in cands)

@@ -199,7 +199,10 @@ class ContractionEngine:
         m = len(cores)
         batched = list(batched) if batched is not None else [False] * m
         shapes = tuple(tuple(c.shape[1:]) if b else tuple(c.shape) for c, b in zip(cores, batched))
-        choice = _constant_chain_choice(self, shapes, tuple(batched))
+        # cores that get no gradient in a backward that will run (a gradient-masked centre)
+        frozen = tuple(torch.is_grad_enabled() and not c.requires_grad and any(o.requires_grad for o in cores)
+                       for c in cores)
+        choice = _constant_chain_choice(self, shapes, tuple(batched), frozen)
         if choice is not None:
             return chain_reconstruct(cores, batched, ChainPlan(*choice, 0.0), self.contract)
         full = self.contract(reconstruct_equation(m, batched), *cores)
@@ -227,12 +230,12 @@ def _constant_rebuild_method(engine: ContractionEngine, shapes: tuple[Shape, ...
 
 
 @torch.compiler.assume_constant_result
-def _constant_chain_choice(engine: ContractionEngine, shapes: tuple[Shape, ...],
-                          batched: tuple[bool, ...]) -> tuple[int, bool] | None:
+def _constant_chain_choice(engine: ContractionEngine, shapes: tuple[Shape, ...], batched: tuple[bool, ...],
+                          frozen: tuple[bool, ...]) -> tuple[int, bool] | None:
     """``(center, right_first)`` of the chain rebuild, or ``None`` for the opt_einsum path."""
     if engine._rebuild_method(shapes) != "chain":
         return None
-    plan = chain_plan(shapes, batched if any(batched) else None)
+    plan = chain_plan(shapes, batched if any(batched) else None, frozen if any(frozen) else None)
     return plan.center, plan.right_first
 
 
