@@ -211,16 +211,19 @@ def _canonical(value: str) -> str | int | float:
     return value
 
 
-def check_reusable(run: StudyRun, result: dict, path: Path) -> None:
+def check_reusable(run: StudyRun, result: dict, path: Path, only_given: bool = False) -> None:
     """Raise :class:`StudyError` when the finished run at ``path`` was made with other recipe
     options than ``run`` asks for (so a changed option never silently reuses an old run). Options
     in :data:`IGNORED_OPTIONS` and the order of options do not count; a result without ``argv``
     (not written by a recipe) is not checked. This compares command lines: a run made before a
-    recipe's default or code changed is still reused."""
+    recipe's default or code changed is still reused. ``only_given`` (summarizing finished runs,
+    ``--existing-only``): options ``run`` does not give are not compared."""
     stored = result.get("argv")
     if stored is None:
         return
     have, want = option_values(stored), option_values(run.argv)
+    if only_given:
+        have = {k: v for k, v in have.items() if k in want}
     if have != want:
         def show(opts, k):
             return " ".join(map(str, opts[k])) if k in opts else "(absent)"
@@ -237,7 +240,8 @@ def run_study(main: Callable[[list[str]], dict], runs: Sequence[StudyRun], runs_
     """Run each run whose ``runs_dir/<name>/results.json`` does not exist yet (so an interrupted
     study resumes) by calling ``main(argv + ['--output-dir', ...])``; return ``(run, result)``
     for the finished ones, in order. With ``existing_only``, missing runs are skipped instead.
-    A finished run is reused only if it was made with the same options (:func:`check_reusable`).
+    A finished run is reused only if it was made with the same options (:func:`check_reusable`;
+    with ``existing_only``, the same values of the options given).
 
     Runs are claimed (:class:`RunClaim`), so the same command started N times side by side
     works through the runs in parallel; a run another live process holds is skipped here, or,
@@ -259,7 +263,7 @@ def _run_all(main, runs, runs_dir: Path, existing_only: bool, done: dict, quiet:
         path = runs_dir / run.name / "results.json"
         step = f"[{i + 1}/{len(runs)}] {run.name}:"
         if path.is_file():
-            check_reusable(run, json.loads(path.read_text()), path)
+            check_reusable(run, json.loads(path.read_text()), path, only_given=existing_only)
             if not quiet:
                 print(f"{step} done earlier, reusing {path}", flush=True)
         elif existing_only:

@@ -513,9 +513,13 @@ def test_run_study_refuses_a_finished_run_made_with_other_options(tmp_path):
                          (("--lr", "5e-5", "--epochs", "3", "--max-bond", "64"), "--max-bond: (absent) there, 64 here")):
         with pytest.raises(studies.StudyError, match=re.escape(named)):
             studies.run_study(main, runs(*other), tmp_path)
-        with pytest.raises(studies.StudyError):
-            studies.run_study(main, runs(*other), tmp_path, existing_only=True)
     assert len(calls) == 1  # never rerun over, never silently reused
+    # summarizing (--existing-only) compares the options it is given, and only those
+    with pytest.raises(studies.StudyError, match=re.escape("--lr: 5e-05 there, 0.0001 here")):
+        studies.run_study(main, runs("--lr", "1e-4"), tmp_path, existing_only=True)
+    assert len(studies.run_study(main, runs(), tmp_path, existing_only=True)) == 1
+    assert len(studies.run_study(main, runs("--epochs", "3"), tmp_path, existing_only=True)) == 1
+    assert len(calls) == 1
     assert studies.option_values(["--a=1", "--b", "x", "y", "--flag", "--c", "nan", "--lr", "-1e-4"]) == {
         "--a": (1,), "--b": ("x", "y"), "--flag": (), "--c": ("nan",), "--lr": (-1e-4,)}
     assert studies.option_values(["--seed", str(2**53 + 1)]) != studies.option_values(["--seed", str(2**53)])
