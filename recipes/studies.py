@@ -262,8 +262,8 @@ def _run_all(main, runs, runs_dir: Path, existing_only: bool, done: dict, quiet:
     for i, run in enumerate(runs):
         path = runs_dir / run.name / "results.json"
         step = f"[{i + 1}/{len(runs)}] {run.name}:"
+        ran_here = False
         if path.is_file():
-            check_reusable(run, json.loads(path.read_text()), path, only_given=existing_only)
             if not quiet:
                 print(f"{step} done earlier, reusing {path}", flush=True)
         elif existing_only:
@@ -277,14 +277,15 @@ def _run_all(main, runs, runs_dir: Path, existing_only: bool, done: dict, quiet:
                 held_elsewhere.append(run)
                 continue
             try:
-                if path.is_file():  # finished by another process between our check and claim
-                    check_reusable(run, json.loads(path.read_text()), path)
-                else:
+                if not path.is_file():  # finished by another process between our check and claim
                     print(f"{step} python recipes/... {' '.join(run.argv)}", flush=True)
                     main(run.argv + ["--output-dir", str(runs_dir / run.name)])
+                    ran_here = True
             finally:
                 claim.release()
         result = json.loads(path.read_text())
+        if not ran_here:  # a run made earlier or elsewhere: only with the same options
+            check_reusable(run, result, path, only_given=existing_only)
         result["run"] = run.name
         done[run.name] = (run, result)
     return held_elsewhere

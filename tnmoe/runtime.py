@@ -11,6 +11,7 @@ grown to a step's peak (the first steps), later steps take no page faults for th
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -26,7 +27,9 @@ _NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int)
 _retained: bool | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
+    """The process's glibc with ``mallopt``/``malloc_trim`` typed, or ``None`` (opened once)."""
     if not sys.platform.startswith("linux"):
         return None
     try:

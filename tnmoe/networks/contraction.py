@@ -200,8 +200,8 @@ class ContractionEngine:
         batched = list(batched) if batched is not None else [False] * m
         shapes = tuple(tuple(c.shape[1:]) if b else tuple(c.shape) for c, b in zip(cores, batched))
         # cores that get no gradient in a backward that will run (a gradient-masked centre)
-        frozen = tuple(torch.is_grad_enabled() and not c.requires_grad and any(o.requires_grad for o in cores)
-                       for c in cores)
+        backward = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        frozen = tuple(backward and not c.requires_grad for c in cores)
         choice = _constant_chain_choice(self, shapes, tuple(batched), frozen)
         if choice is not None:
             return chain_reconstruct(cores, batched, ChainPlan(*choice, 0.0), self.contract)
