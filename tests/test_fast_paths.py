@@ -13,6 +13,7 @@ from tnmoe.networks import (
     ContractionEngine,
     MPOLinear,
     accumulate_reconstruction,
+    matmul_permute,
     mpo_core_shapes,
     reconstruct_equation,
 )
@@ -48,6 +49,53 @@ def test_chain_rebuild_equals_einsum(in_f, out_f, max_bond, batched):
     want = torch.autograd.grad((ref * probe).sum(), cores)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("a_batch,b_batch", [(3, 3), (None, 3), (3, None), (None, None), (1, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("perm", [(0, 2, 4, 1, 3, 5), (2, 0, 4, 1, 3, 5)])
+def test_blocked_matmul_permute_equals_one_go(a_batch, b_batch, threads, perm):
+    """Block by block (forced with a tiny block size) gives the values and gradients of
+    ``(a @ b).view(rows + cols).permute(perm)``, for batched, broadcast and 2-D operands, with
+    the single-threaded blocked backward and the multi-threaded one-go backward."""
+    rows, cols = (4, 3, 2, 5), (3, 2)
+    M, N, K = 120, 6, 7
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(((a_batch,) if a_batch else ()) + (M, K), dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(((b_batch,) if b_batch else ()) + (K, N), dtype=torch.float64, generator=g, requires_grad=True)
+    lead = (3,) if 3 in (a_batch, b_batch) else (1,) if (a_batch or b_batch) else ()
+    ref = (a @ b).reshape(*lead, *rows, *cols).permute(*range(len(lead)), *(len(lead) + p for p in perm))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = matmul_permute(a, b, rows, cols, perm, block_bytes=2 * 30 * 6 * 8,  # 2 of 4 row slices
+                             min_block_rows=1)
+        fns = [out.grad_fn] + [f for f, _ in out.grad_fn.next_functions]  # 2-D operands: a squeeze last
+        assert "_BlockedMatmulPermuteBackward" in [type(f).__name__ for f in fns]  # the blocked path ran
+        assert out.is_contiguous() and out.shape == ref.shape
+        torch.testing.assert_close(out, ref)
+        probe = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+        got = torch.autograd.grad((out * probe).sum(), (a, b))
+    finally:
+        torch.set_num_threads(threads_before)
+    want = torch.autograd.grad((ref * probe).sum(), (a, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+
+
+def test_matmul_permute_one_go_and_errors():
+    a, b = torch.randn(2, 6, 3), torch.randn(2, 3, 4)
+    out = matmul_permute(a, b, (2, 3), (4,), (2, 0, 1))  # small: no blocks
+    assert out.grad_fn is None and out.is_contiguous()
+    torch.testing.assert_close(out, (a @ b).reshape(2, 2, 3, 4).permute(0, 3, 1, 2))
+    big_a, big_b = torch.randn(2, 6, 3, requires_grad=True), torch.randn(2, 3, 4096)
+    transposing = matmul_permute(big_a, big_b, (2, 3), (4096,), (2, 0, 1), block_bytes=4096 * 4, min_block_rows=1)
+    assert type(transposing.grad_fn).__name__ == "CloneBackward0"  # the innermost dim moves: no blocks
+    torch.testing.assert_close(transposing, (big_a @ big_b).reshape(2, 2, 3, 4096).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="do not factor"):
+        matmul_permute(a, b, (2, 2), (4,), (2, 0, 1))
+    with pytest.raises(ValueError, match="not a permutation"):
+        matmul_permute(a, b, (2, 3), (4,), (0, 0, 1))
 
 
 def test_engine_uses_the_chain_for_mpo_matrices():

@@ -11,6 +11,7 @@ from .bank import (
     check_input_dtype,
     resolve_share,
 )
+from .blocked import matmul_permute
 from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import (
     ContractionEngine,
@@ -47,6 +48,7 @@ __all__ = [
     "default_engine",
     "apply_equation",
     "reconstruct_equation",
+    "matmul_permute",
     "factorize",
     "check_factors",
     "tt_svd",

@@ -5,7 +5,8 @@ part (cores ``> c``). The outer parts are small for the usual MPOs (their bonds 
 geometrically towards the centre), so contracting each of them first is cheap; the matrix then
 costs two GEMMs, ``L @ (C @ R)`` or ``(L @ C) @ R``, which run at the BLAS rate, and one
 permutation from the chain's interleaved ``(o_L, i_L, o_c, i_c, o_R, i_R)`` order to
-``(out, in)``. With an expert axis, shared and stacked cores broadcast through batched matmuls,
+``(out, in)``, fused with the last GEMM block by block on CPU
+(:func:`~tnmoe.networks.blocked.matmul_permute`). With an expert axis, shared and stacked cores broadcast through batched matmuls,
 so one shared central core multiplies every expert's right part in one call.
 
 :func:`chain_plan` prices every centre and both orders with the same multiply-add count
@@ -22,6 +23,8 @@ from typing import Sequence
 
 import opt_einsum as oe
 import torch
+
+from .blocked import matmul_permute
 
 __all__ = ["ChainPlan", "chain_plan", "chain_reconstruct"]
 
@@ -129,26 +132,22 @@ def chain_reconstruct(cores: Sequence[torch.Tensor], batched: Sequence[bool], pl
         L = L.reshape(*((L.shape[0],) if any(batched[:c]) else ()), o_l * i_l, r)
     if R is not None:
         R = R.reshape(*((R.shape[0],) if any(batched[c + 1:]) else ()), r2, o_r * i_r)
+    # the last GEMM's product, as (E?, *rows, *cols) over the chain's (o_L, i_L, o_c, i_c, o_R, i_R)
+    # in some order, and the permutation that makes it (E?, out, in)
     if R is None:  # centre is the last core: W' = L @ C
-        Wp = torch.matmul(L, C.reshape(*E, r, o_c * i_c))
+        a, b = L, C.reshape(*E, r, o_c * i_c)
+        rows, cols, perm = (o_l, i_l), (o_c, i_c, 1, 1), (0, 2, 4, 1, 3, 5)
     elif L is None:  # centre is the first core: W' = C @ R
-        Wp = torch.matmul(C.reshape(*E, o_c * i_c, r2), R)
+        a, b = C.reshape(*E, o_c * i_c, r2), R
+        rows, cols, perm = (1, 1, o_c, i_c), (o_r, i_r), (0, 2, 4, 1, 3, 5)
     elif plan.right_first:
         T = torch.matmul(C.reshape(*E, r * o_c * i_c, r2), R)  # (E?, r B, D)
         T = T.reshape(*T.shape[:-2], r, o_c * i_c * o_r * i_r)
-        # W'^T = T^T L^T: a tall-skinny GEMM (measured ~2x the BLAS rate of L @ T on CPU), whose
-        # (o_c, i_c, o_R, i_R, o_L, i_L) layout the final permutation absorbs
-        Wt = torch.matmul(T.transpose(-2, -1), L.transpose(-2, -1))
-        lead_shape = Wt.shape[:-2]
-        n = len(lead_shape)
-        Wt = Wt.reshape(*lead_shape, o_c, i_c, o_r, i_r, o_l, i_l)
-        Wt = Wt.permute(*range(n), n + 4, n, n + 2, n + 5, n + 1, n + 3)
-        return Wt.reshape(*lead_shape, o_l * o_c * o_r, i_l * i_c * i_r)
+        a, b = L, T  # (T^T L^T: the same GEMM time with retained memory, a transposing permutation)
+        rows, cols, perm = (o_l, i_l), (o_c, i_c, o_r, i_r), (0, 2, 4, 1, 3, 5)
     else:
         U = torch.matmul(L, C.reshape(*E, r, o_c * i_c * r2))  # (E?, A, B r')
-        Wp = torch.matmul(U.reshape(*U.shape[:-2], o_l * i_l * o_c * i_c, r2), R)
-    lead_shape = Wp.shape[:-2]
-    n = len(lead_shape)
-    Wp = Wp.reshape(*lead_shape, o_l, i_l, o_c, i_c, o_r, i_r)
-    Wp = Wp.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5)
-    return Wp.reshape(*lead_shape, o_l * o_c * o_r, i_l * i_c * i_r)
+        a, b = U.reshape(*U.shape[:-2], o_l * i_l * o_c * i_c, r2), R
+        rows, cols, perm = (o_l, i_l, o_c, i_c), (o_r, i_r), (0, 2, 4, 1, 3, 5)
+    W = matmul_permute(a, b, rows, cols, perm)  # (E?, o_L, o_c, o_R, i_L, i_c, i_R)
+    return W.reshape(*W.shape[:-6], o_l * o_c * o_r, i_l * i_c * i_r)
