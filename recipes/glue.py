@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -191,11 +190,14 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
     history: list[dict] = []
     best = {"score": -float("inf"), "state": None, "epoch": None}
 
-    selection_seconds = [0.0]  # time spent scoring the validation half inside trainer.train()
+    selection = Timer()  # time spent scoring the validation half inside trainer.train()
 
     class SelectBest(TrainerCallback):
         def on_epoch_end(self, targs, state, control, **kw):
-            t0 = time.perf_counter()
+            with selection:
+                self.select(state)
+
+        def select(self, state):
             res = score_all(1, "validation")
             res["epoch"] = round(state.epoch or 0, 3)
             history.append(res)
@@ -203,7 +205,6 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
                 best.update(score=res["score"], epoch=res["epoch"],
                             state={k: v.detach().clone() for k, v in model.state_dict().items()})
             model.train()
-            selection_seconds[0] += time.perf_counter() - t0
 
     with atomic_output_dir(args.output_dir) as out:
         trainer = make_trainer(model, args, out, train_ds, mask, lr=lr, lr_scheduler="linear",
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
             "test_sizes": {t.name: len(splits[t.name][2]) for t in tasks},
             "best_epoch": best["epoch"], "best_validation": best["score"], "history": history,
             "test": test, "test_seconds": test_timer.seconds,
-            **run_record(model, mask, timer.seconds, argv, trainer.state.global_step, selection_seconds[0]),
+            **run_record(model, mask, timer, argv, trainer.state.global_step, selection),
         }
         finish_run(out, result, model, tok, args.save_model)
     if not args.quiet:

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "block_size": args.block_size,
             "train_tokens": train_blocks.numel(), "test_tokens": test_blocks.numel(),
             "test_perplexity": ppl, "test_nll": nll, **{k: v for k, v in gen.items()},
-            **run_record(model, mask, timer.seconds, argv, trainer.state.global_step),
+            **run_record(model, mask, timer, argv, trainer.state.global_step),
         }
         finish_run(out, result, model, tok, args.save_model)
     if not args.quiet:

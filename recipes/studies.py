@@ -300,7 +300,8 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence[str]) -> list[dict]:
     """One row per group (same values under ``group_keys``), in order of first appearance:
     ``<headline>_mean``/``_std`` over the group's runs (seeds), ``seeds`` (runs), the first run's
-    parameter counts, ``train_seconds_mean`` and ``<metric>_mean`` for every other metric of
+    parameter counts, ``train_seconds_mean``, ``seconds_per_step_mean`` (wall) and
+    ``cpu_seconds_per_step_mean`` (process CPU time, when every run recorded it) and ``<metric>_mean`` for every other metric of
     :attr:`StudyRecipe.metrics` that all the group's runs have (e.g. ``rte_accuracy_mean``)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -319,6 +320,9 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
         steps = [r["seconds_per_step"] for r in rs if "seconds_per_step" in r]
         if steps:
             row["seconds_per_step_mean"] = sum(steps) / len(steps)
+        cpu = [r["cpu_seconds_per_step"] for r in rs if "cpu_seconds_per_step" in r]
+        if cpu and len(cpu) == len(rs):  # runs from before it was recorded have wall time only
+            row["cpu_seconds_per_step_mean"] = sum(cpu) / len(cpu)
         errors = [r["conversion_error"]["mean"] for r in rs if r.get("conversion_error")]
         if errors:
             row["conversion_error"] = errors[0]  # the same decomposition for every seed

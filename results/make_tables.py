@@ -61,8 +61,8 @@ def glue_table():
                 print(f"| {fam} | {float(lr):g}{mark} | {v:.3f} |")
         print()
     print("| task (metric) | variant | seeds | test mean ± std | Δ vs dense [95% CI] | p bootstrap | p t-test "
-          "| params total / active (M) | s/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| params total / active (M) | s/step | CPU s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     out = []
     for task in TASKS:
         metric = METRIC[task]
@@ -78,6 +78,11 @@ def glue_table():
             row = {"task": task, "metric": metric, "variant": v, "seeds": sorted(by_seed), "mean": m, "std": s,
                    "total_params": first["total_params"], "active_params_per_token": first["active_params_per_token"],
                    "seconds_per_step": sum(steps) / len(steps) if steps else None}
+            # process CPU time per step (1 thread: not inflated by pauses or other processes);
+            # runs from before it was recorded have wall time only
+            cpu = [r["cpu_seconds_per_step"] for r in by_seed.values() if "cpu_seconds_per_step" in r]
+            row["cpu_seconds_per_step"] = sum(cpu) / len(cpu) if cpu else None
+            row["cpu_seconds_per_step_runs"] = len(cpu)
             common = [k for k in sorted(by_seed) if k in dense]
             if v != "dense" and common and all("examples" in by_seed[k]["test"] and "examples" in dense[k]["test"]
                                                for k in common):
@@ -101,9 +106,11 @@ def glue_table():
                 f1 = mean_std([r["test"]["tasks"][task]["f1"] for r in by_seed.values()])[0]
                 extra = f" (F1 {f1:.3f})"
             sps = f"{row['seconds_per_step']:.2f}" if row["seconds_per_step"] else "-"
+            cps = "-" if not cpu else f"{row['cpu_seconds_per_step']:.2f}" + (
+                f" ({len(cpu)} of {len(by_seed)} runs)" if len(cpu) < len(by_seed) else "")
             std = "" if math.isnan(s) else f" ± {s:.3f}"
             print(f"| {task.upper()} ({metric}) | {v} | {len(by_seed)} | {m:.3f}{std}{extra} | {delta} | {p_boot} | {p_t} "
-                  f"| {row['total_params'] / 1e6:.1f} / {row['active_params_per_token'] / 1e6:.1f} | {sps} |")
+                  f"| {row['total_params'] / 1e6:.1f} / {row['active_params_per_token'] / 1e6:.1f} | {sps} | {cps} |")
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in out]
     (HERE / "glue_minilm" / "comparison.json").write_text(json.dumps(clean, indent=2))  # strict JSON: no NaN
 

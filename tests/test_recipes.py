@@ -13,6 +13,7 @@ import re
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,8 @@ def test_glue_encoder_recipe(tiny_dirs, tmp_path, variant):
     assert saved["variant"] == variant
     assert saved["train_samples"] == 16 and saved["test_sizes"] == {"mrpc": 6}  # 12 dev rows, halved
     assert len(saved["history"]) == 1  # one epoch, one validation pass
+    # CPU time per step: measured, and at most what all threads could have spent in the wall time
+    assert 0 < saved["cpu_seconds_per_step"] <= saved["threads"] * saved["seconds_per_step"] * 1.05 + 0.01
 
     # the reported metrics are those of the saved model, scored again here
     preds, labels = _rescore_glue(out, "mrpc")
@@ -836,6 +839,18 @@ def test_choose_lr_picks_best_validation_and_reuses_runs(tmp_path):
         choose_lr.main(sweep, expect=2)
 
 
+def test_timer_cpu_time_ignores_waiting_and_accumulates():
+    from run_io import Timer
+
+    t = Timer()
+    with t:
+        time.sleep(0.3)  # like a paused process or one waiting for the cores: wall time, no CPU
+    with t:
+        sum(i * i for i in range(300_000))  # CPU work
+    assert t.seconds >= 0.3 and t.cpu_seconds < 0.3
+    assert t.cpu_seconds > 0.005 and t.seconds >= t.cpu_seconds  # the second block added to both
+
+
 def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "results"))
     import make_tables
@@ -853,6 +868,7 @@ def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path,
         (run / "results.json").write_text(json.dumps({
             "tasks": ["rte"], "variant": variant, "seed": seed, "total_params": params,
             "active_params_per_token": 60, "seconds_per_step": 0.5,
+            **({"cpu_seconds_per_step": 0.25 * seed} if variant == "mpoe" else {}),
             "test": {"tasks": {"rte": {"accuracy": acc, "score": acc}}, "examples": {"rte": examples}}}))
         return preds
 
@@ -867,4 +883,6 @@ def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path,
                                            ids=[ids[1], ids[2]])
     assert rows[1]["diff"] == pytest.approx(expect)
     assert rows[1]["mean"] == pytest.approx(np.mean([np.mean(mpoe[s] == y[s]) for s in (1, 2)]))
-    assert "| RTE (accuracy) | mpoe | 2 |" in capsys.readouterr().out
+    assert rows[1]["cpu_seconds_per_step"] == pytest.approx(0.375) and rows[0]["cpu_seconds_per_step"] is None
+    printed = capsys.readouterr().out
+    assert "| RTE (accuracy) | mpoe | 2 |" in printed and "| 0.50 | 0.38 |" in printed
