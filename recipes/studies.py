@@ -436,6 +436,9 @@ def conduct_study(recipe: StudyRecipe, runs: Sequence[StudyRun], out: Path, *, g
     for run, result in run_study(recipe.main, runs, out / "runs", existing_only=existing_only, wait=wait):
         result.update({k: run.labels[k] for k in group_keys})
         results.append(result)
+    if not results:  # only possible with --existing-only: every run was skipped
+        raise StudyError(f"no finished run of this study under {out / 'runs'} (--existing-only summarizes "
+                         "runs that exist; run the study without it first, or check --output-dir)")
     rows = summarize(recipe, results, group_keys)
     write_study(recipe, results, rows, out, name, label_key, panel_key, title)
     return rows

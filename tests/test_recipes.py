@@ -491,6 +491,10 @@ def test_run_study_resumes_and_existing_only(tmp_path):
     assert [r["seed"] for _, r in first] == [1] and [(run.name, r["seed"]) for run, r in both] == [
         ("t-mpoe-m3-s1", 1), ("t-mpoe-m3-s2", 2)]
     assert [c[c.index("--seed") + 1] for c in calls] == ["1", "2"]  # the first run was not repeated
+    # summarizing a folder with no finished run says so (it used to fail inside matplotlib)
+    with pytest.raises(studies.StudyError, match="no finished run of this study under"):
+        studies.conduct_study(recipe, runs, tmp_path / "empty", group_keys=["variant"], name="s",
+                              label_key="variant", panel_key=None, title="t", existing_only=True)
 
 
 def test_run_study_refuses_a_finished_run_made_with_other_options(tmp_path):
