@@ -5,6 +5,7 @@
 #   bash results/run_evidence.sh glue   # MiniLM fine-tuned on RTE/MRPC/CoLA/STS-B
 #   bash results/run_evidence.sh gpt2   # small GPT-2 on WikiText-2: ablation + m = 3/5/7/9
 #   bash results/run_evidence.sh factorization  # m x bond caps on the LM and on STS-B (after glue, gpt2)
+#   (factorization-lm / factorization-stsb: one half of it)
 # WORKERS (default 2) processes of THREADS (default 1) threads share each study's runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +86,7 @@ case "${1:-all}" in
     $PY recipes/ablations.py --recipe gpt2 --variants dense,switch,moe,mpoe,mpoe-wo-gm,mpoe-wo-ps \
       --seeds 42,43,44 --existing-only --output-dir results/gpt2_wikitext2 -- "${COMMON[@]}"
     ;;&
-  factorization|all)
+  factorization|factorization-lm|all)
     # m in {3,5,7,9} x bond caps {lossless,256,64,16}; 3 seeds for the m = 5 column and the
     # lossless row, 1 elsewhere. Lossless runs of the studies above are reused (same names).
     W2="$DATA/wikitext-2"
@@ -99,6 +100,10 @@ case "${1:-all}" in
     workers lm_fact --core-seeds 42
     workers lm_fact --core-seeds 42,43,44
     lm_fact --core-seeds 42,43,44 --existing-only  # the summary over every point
+    $PY results/make_tables.py
+    ;;&
+  factorization|factorization-stsb|all)
+    FACT=(--ms 3,5,7,9 --max-bonds lossless,256,64,16)
     G=results/glue_minilm
     LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
     # one epoch (the grid trains 3): 30 runs of 3 epochs would be ~15 CPU-hours here; its own
