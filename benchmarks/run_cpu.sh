@@ -7,6 +7,7 @@ PY=${PY:-.venv/bin/python}
 OUT=results/benchmarks
 mkdir -p "$OUT"
 $PY benchmarks/bench_mpo_linear.py --repeats 9 --json "$OUT/mpo_linear_cpu.json"
+$PY benchmarks/bench_rebuild.py --repeats 9 --json "$OUT/rebuild_cpu.json"
 $PY benchmarks/bench_moe_layer.py --tokens 4096 --repeats 5 --json "$OUT/moe_layer_cpu_4096.json"
 $PY benchmarks/bench_moe_layer.py --tokens 4096 --repeats 5 --allocator default \
   --json "$OUT/moe_layer_cpu_4096_default_allocator.json"
