@@ -40,7 +40,8 @@ def matmul_permute(a: torch.Tensor, b: torch.Tensor, rows: Sequence[int], cols: 
 
     ``a``: ``(M, K)`` or ``(G, M, K)`` with ``M = prod(rows)``; ``b``: ``(K, N)`` or
     ``(G, K, N)`` with ``N = prod(cols)``; a 2-D operand broadcasts over the other's batch.
-    Returns ``(G?, *[(rows + cols)[p] for p in perm])``; differentiable in ``a`` and ``b``.
+    Returns ``(G?, *[(rows + cols)[p] for p in perm])``; differentiable in ``a`` and ``b``
+    (once: a double backward through the blocked path raises; the one-go path allows it).
     ``block_bytes`` / ``min_block_rows``: block size and fewest GEMM rows per block (defaults
     ``BLOCK_BYTES``, ``MIN_BLOCK_ROWS``)."""
     rows, cols, perm = tuple(rows), tuple(cols), tuple(perm)
