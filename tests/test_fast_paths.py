@@ -83,6 +83,22 @@ def test_blocked_matmul_permute_equals_one_go(a_batch, b_batch, threads, perm):
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_matmul_permute_twice_differentiable(threads):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 12, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)  # broadcast
+    f = lambda a, b: matmul_permute(a, b, (4, 3), (2, 2), (0, 2, 1, 3), block_bytes=2 * 3 * 4 * 8,  # noqa: E731
+                                    min_block_rows=1)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert type(f(a, b).grad_fn).__name__ == "_BlockedMatmulPermuteBackward"
+        assert torch.autograd.gradcheck(f, (a, b)) and torch.autograd.gradgradcheck(f, (a, b))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def test_matmul_permute_one_go_and_errors():
     a, b = torch.randn(2, 6, 3), torch.randn(2, 3, 4)
     out = matmul_permute(a, b, (2, 3), (4,), (2, 0, 1))  # small: no blocks

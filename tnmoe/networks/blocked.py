@@ -41,7 +41,7 @@ def matmul_permute(a: torch.Tensor, b: torch.Tensor, rows: Sequence[int], cols: 
     ``a``: ``(M, K)`` or ``(G, M, K)`` with ``M = prod(rows)``; ``b``: ``(K, N)`` or
     ``(G, K, N)`` with ``N = prod(cols)``; a 2-D operand broadcasts over the other's batch.
     Returns ``(G?, *[(rows + cols)[p] for p in perm])``; differentiable in ``a`` and ``b``
-    (once: a double backward through the blocked path raises; the one-go path allows it).
+    (twice too: the backward is made of differentiable ops).
     ``block_bytes`` / ``min_block_rows``: block size and fewest GEMM rows per block (defaults
     ``BLOCK_BYTES``, ``MIN_BLOCK_ROWS``)."""
     rows, cols, perm = tuple(rows), tuple(cols), tuple(perm)
@@ -112,16 +112,14 @@ class _BlockedMatmulPermute(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        # plain differentiable ops (no out=, no in-place), so a double backward works too
         a, b = ctx.saved_tensors
         rows, cols, perm, h, g = ctx.layout
         need_a, need_b = ctx.needs_input_grad[:2]
         a3, b3 = (a if a.dim() == 3 else a.unsqueeze(0)), (b if b.dim() == 3 else b.unsqueeze(0))
         G = grad_out.shape[0]
         Mr, N = math.prod(rows[1:]), math.prod(cols)
-        da = (torch.empty_like(a3) if a3.shape[0] > 1 else torch.zeros_like(a3)) if need_a else None
-        db = torch.zeros_like(b3) if need_b else None
         at_dest = perm.index(0)
         to_source = (0, *(1 + perm.index(j) for j in range(len(perm))))
         if torch.get_num_threads() > 1:
@@ -129,28 +127,30 @@ class _BlockedMatmulPermute(torch.autograd.Function):
             # (dB = A^T dP reads it by columns) runs ~1.6x slower than on the whole gradient
             # (measured, 2 cores), more than blocking saves; blocks pay off single-threaded
             h, g = rows[0], G
-        gbuf = torch.empty(g, h * Mr, N, dtype=grad_out.dtype, device=grad_out.device)
+        da_parts, db_parts = [], []
         for e in range(0, G, g):
             a_e = a3[e:e + g] if a3.shape[0] > 1 else a3
             b_e = b3[e:e + g] if b3.shape[0] > 1 else b3
+            da_rows, db_e = [], None
             for r in range(0, rows[0], h):
-                src = grad_out[e:e + g].narrow(1 + at_dest, r, h).permute(*to_source)
-                gbuf.view(g, h, *rows[1:], *cols).copy_(src)
-                span = slice(r * Mr, (r + h) * Mr)
+                # the block of dP in the product's own (rows, cols) order, copied from cache-sized runs
+                blk = grad_out[e:e + g].narrow(1 + at_dest, r, h).permute(*to_source).reshape(g, h * Mr, N)
                 if need_a:  # dA = dP B^T
-                    if a3.shape[0] > 1:
-                        torch.matmul(gbuf, b_e.transpose(-2, -1), out=da[e:e + g, span])
-                    else:
-                        da[0, span] += torch.matmul(gbuf, b_e.transpose(-2, -1)).sum(0)
+                    da_rows.append(torch.matmul(blk, b_e.transpose(-2, -1)))
                 if need_b:  # dB = A^T dP
-                    a_blk = a_e[:, span]
-                    if b3.shape[0] > 1:
-                        db[e:e + g].baddbmm_(a_blk.transpose(-2, -1).expand(g, -1, -1), gbuf)
-                    else:
-                        db[0].addmm_(a_blk.expand(g, -1, -1).reshape(-1, a_blk.shape[-1]).t(),
-                                     gbuf.view(-1, N))
-        if da is not None and a.dim() == 2:
-            da = da.squeeze(0)
-        if db is not None and b.dim() == 2:
-            db = db.squeeze(0)
+                    part = torch.matmul(a_e[:, r * Mr:(r + h) * Mr].transpose(-2, -1), blk)
+                    db_e = part if db_e is None else db_e + part
+            if need_a:
+                da_parts.append(torch.cat(da_rows, 1) if len(da_rows) > 1 else da_rows[0])
+            if need_b:
+                db_parts.append(db_e)
+        da = db = None
+        if need_a:
+            da = torch.cat(da_parts) if len(da_parts) > 1 else da_parts[0]
+            da = da.sum(0, keepdim=True) if a3.shape[0] == 1 and G > 1 else da
+            da = da.squeeze(0) if a.dim() == 2 else da
+        if need_b:
+            db = torch.cat(db_parts) if len(db_parts) > 1 else db_parts[0]
+            db = db.sum(0, keepdim=True) if b3.shape[0] == 1 and G > 1 else db
+            db = db.squeeze(0) if b.dim() == 2 else db
         return da, db, None, None, None, None, None
