@@ -52,8 +52,9 @@ def set_seed(seed: int) -> None:
 
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds`` (wall clock, seconds) and ``t.cpu_seconds``
-    (this process's CPU time, all threads: with one thread, unaffected by other processes on the
-    machine or by the process being paused). Entering the same timer again adds to both."""
+    (this process's CPU time, all threads: with one thread, not inflated by the process being
+    paused or waiting for a core; contention for caches and memory bandwidth still shows).
+    Entering the same timer again (not while it runs) adds to both."""
 
     def __init__(self) -> None:
         self.seconds = 0.0

@@ -301,7 +301,7 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
     """One row per group (same values under ``group_keys``), in order of first appearance:
     ``<headline>_mean``/``_std`` over the group's runs (seeds), ``seeds`` (runs), the first run's
     parameter counts, ``train_seconds_mean``, ``seconds_per_step_mean`` (wall) and
-    ``cpu_seconds_per_step_mean`` (process CPU time, when every run recorded it) and ``<metric>_mean`` for every other metric of
+    ``cpu_seconds_per_step_mean`` (process CPU time, when every run recorded it at one thread count) and ``<metric>_mean`` for every other metric of
     :attr:`StudyRecipe.metrics` that all the group's runs have (e.g. ``rte_accuracy_mean``)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -321,7 +321,9 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
         if steps:
             row["seconds_per_step_mean"] = sum(steps) / len(steps)
         cpu = [r["cpu_seconds_per_step"] for r in rs if "cpu_seconds_per_step" in r]
-        if cpu and len(cpu) == len(rs):  # runs from before it was recorded have wall time only
+        # runs from before it was recorded have wall time only; CPU time at different thread counts
+        # is not comparable
+        if cpu and len(cpu) == len(rs) and len({r.get("threads") for r in rs}) == 1:
             row["cpu_seconds_per_step_mean"] = sum(cpu) / len(cpu)
         errors = [r["conversion_error"]["mean"] for r in rs if r.get("conversion_error")]
         if errors:

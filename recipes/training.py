@@ -80,7 +80,7 @@ def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train_seco
     """The fields every ``results.json`` has: training wall time (s; with ``train_steps``, also
     ``seconds_per_step`` without the ``eval_seconds`` spent on model selection, and, given
     :class:`Timer` s, ``cpu_seconds_per_step``: process CPU time per step over all threads, which
-    pauses and other processes do not inflate), the gradient mask's summary, the MoE config
+    pauses and waiting for a core do not inflate, with the ``threads`` it ran on), the gradient mask's summary, the MoE config
     (``None`` for dense), the command line and the parameter counts."""
     cfg = moe.get_moe_config(model)
     wall = lambda t: t.seconds if isinstance(t, Timer) else t  # noqa: E731

@@ -81,6 +81,8 @@ def glue_table():
             # process CPU time per step (1 thread: not inflated by pauses or other processes);
             # runs from before it was recorded have wall time only
             cpu = [r["cpu_seconds_per_step"] for r in by_seed.values() if "cpu_seconds_per_step" in r]
+            if len({r["threads"] for r in by_seed.values() if "cpu_seconds_per_step" in r}) > 1:
+                raise ValueError(f"{task} {v}: runs at different thread counts; CPU time per step is not comparable")
             row["cpu_seconds_per_step"] = sum(cpu) / len(cpu) if cpu else None
             row["cpu_seconds_per_step_runs"] = len(cpu)
             common = [k for k in sorted(by_seed) if k in dense]

@@ -2,6 +2,8 @@
 vs per-expert loop, reconstruction amortized over micro-batches vs plain accumulation,
 torch.compile of the dropless layer."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from tnmoe.networks import (
     mpo_core_shapes,
     reconstruct_equation,
 )
+import tnmoe.networks.blocked as blocked_mod
 import tnmoe.networks.chain as chain_mod
 from tnmoe.networks.chain import chain_plan, chain_reconstruct
 
@@ -29,7 +32,12 @@ from tnmoe.networks.chain import chain_plan, chain_reconstruct
     ([4, 4], [2, 8], None),
 ])
 @pytest.mark.parametrize("batched", ["central", "none", "all"])
-def test_chain_rebuild_equals_einsum(in_f, out_f, max_bond, batched):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_chain_rebuild_equals_einsum(in_f, out_f, max_bond, batched, blocks, monkeypatch):
+    if blocks:  # one row slice per block, so the blocked matmul_permute path runs wherever it may
+        choose = blocked_mod._blocks
+        monkeypatch.setattr(blocked_mod, "_blocks", lambda a, b, rows, N, perm, *_: choose(
+            a, b, rows, N, perm, math.prod(rows[1:]) * N * a.element_size() if rows else 1, 1))
     shapes = mpo_core_shapes(in_f, out_f, max_bond)
     m = len(shapes)
     flags = {"central": [k != (m - 1) // 2 for k in range(m)], "none": [True] * m, "all": [False] * m}[batched]
@@ -54,31 +62,32 @@ def test_chain_rebuild_equals_einsum(in_f, out_f, max_bond, batched):
 @pytest.mark.parametrize("a_batch,b_batch", [(3, 3), (None, 3), (3, None), (None, None), (1, 3)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("perm", [(0, 2, 4, 1, 3, 5), (2, 0, 4, 1, 3, 5)])
-def test_blocked_matmul_permute_equals_one_go(a_batch, b_batch, threads, perm):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_blocked_matmul_permute_equals_one_go(a_batch, b_batch, threads, perm, dtype):
     """Block by block (forced with a tiny block size) gives the values and gradients of
     ``(a @ b).view(rows + cols).permute(perm)``, for batched, broadcast and 2-D operands, with
     the single-threaded blocked backward and the multi-threaded one-go backward."""
     rows, cols = (4, 3, 2, 5), (3, 2)
     M, N, K = 120, 6, 7
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(((a_batch,) if a_batch else ()) + (M, K), dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(((b_batch,) if b_batch else ()) + (K, N), dtype=torch.float64, generator=g, requires_grad=True)
+    a = torch.randn(((a_batch,) if a_batch else ()) + (M, K), dtype=dtype, generator=g, requires_grad=True)
+    b = torch.randn(((b_batch,) if b_batch else ()) + (K, N), dtype=dtype, generator=g, requires_grad=True)
     lead = (3,) if 3 in (a_batch, b_batch) else (1,) if (a_batch or b_batch) else ()
     ref = (a @ b).reshape(*lead, *rows, *cols).permute(*range(len(lead)), *(len(lead) + p for p in perm))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = matmul_permute(a, b, rows, cols, perm, block_bytes=2 * 30 * 6 * 8,  # 2 of 4 row slices
+        out = matmul_permute(a, b, rows, cols, perm, block_bytes=2 * 30 * 6 * a.element_size(),  # 2 of 4 slices
                              min_block_rows=1)
         fns = [out.grad_fn] + [f for f, _ in out.grad_fn.next_functions]  # 2-D operands: a squeeze last
         assert "_BlockedMatmulPermuteBackward" in [type(f).__name__ for f in fns]  # the blocked path ran
         assert out.is_contiguous() and out.shape == ref.shape
         torch.testing.assert_close(out, ref)
-        probe = torch.randn(ref.shape, dtype=torch.float64, generator=g)
-        got = torch.autograd.grad((out * probe).sum(), (a, b))
+        probe = torch.randn(ref.shape, dtype=dtype, generator=g)
+        got = torch.autograd.grad((out * probe).sum().real, (a, b))
     finally:
         torch.set_num_threads(threads_before)
-    want = torch.autograd.grad((ref * probe).sum(), (a, b))
+    want = torch.autograd.grad((ref * probe).sum().real, (a, b))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y)
 
@@ -108,6 +117,21 @@ def test_matmul_permute_one_go_and_errors():
     transposing = matmul_permute(big_a, big_b, (2, 3), (4096,), (2, 0, 1), block_bytes=4096 * 4, min_block_rows=1)
     assert type(transposing.grad_fn).__name__ == "CloneBackward0"  # the innermost dim moves: no blocks
     torch.testing.assert_close(transposing, (big_a @ big_b).reshape(2, 2, 3, 4096).permute(0, 3, 1, 2))
+    # forward-mode AD, torch.func transforms and half precision take the one-go path, correctly
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jacrev, vmap
+
+    A, B = torch.randn(2, 12, 3, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+    f = lambda a, b: matmul_permute(a, b, (4, 3), (2, 2), (0, 2, 1, 3), block_bytes=96, min_block_rows=1)  # noqa: E731
+    ref = lambda a, b: (a @ b).reshape(-1, 4, 3, 2, 2).permute(0, 1, 3, 2, 4)  # noqa: E731
+    with fwAD.dual_level():
+        tangent = torch.randn_like(A)
+        jvp = fwAD.unpack_dual(f(fwAD.make_dual(A, tangent), B)).tangent
+    torch.testing.assert_close(jvp, ref(tangent, B))
+    torch.testing.assert_close(vmap(f)(A.unsqueeze(1), B.unsqueeze(1)).squeeze(1), ref(A, B))
+    torch.testing.assert_close(jacrev(f)(A, B), jacrev(ref)(A, B))
+    half = f(A.bfloat16().requires_grad_(), B.bfloat16())
+    assert type(half.grad_fn).__name__ == "CloneBackward0"
     with pytest.raises(ValueError, match="do not factor"):
         matmul_permute(a, b, (2, 2), (4,), (2, 0, 1))
     with pytest.raises(ValueError, match="not a permutation"):

@@ -872,7 +872,7 @@ def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path,
         (run / "results.json").write_text(json.dumps({
             "tasks": ["rte"], "variant": variant, "seed": seed, "total_params": params,
             "active_params_per_token": 60, "seconds_per_step": 0.5,
-            **({"cpu_seconds_per_step": 0.25 * seed} if variant == "mpoe" else {}),
+            **({"cpu_seconds_per_step": 0.25 * seed, "threads": 1} if variant == "mpoe" else {}),
             "test": {"tasks": {"rte": {"accuracy": acc, "score": acc}}, "examples": {"rte": examples}}}))
         return preds
 

@@ -12,9 +12,9 @@ Measured on 2 CPU cores (eight 768x3072 experts, bond 64): the final GEMM plus p
 
 Blocks are used only where the permutation keeps the innermost dim (it then moves contiguous
 runs; a transposing permutation is as slow from cache as from memory) and each block's GEMM
-keeps at least ``MIN_BLOCK_ROWS`` rows. On other devices, under
-autocast, inside ``torch.compile`` or when a block would not fit, the one-go version runs (its
-permutation is cheap on a GPU)."""
+keeps at least ``MIN_BLOCK_ROWS`` rows. On other devices, in half
+precision, under autocast, forward-mode AD, ``torch.func`` transforms or ``torch.compile``, or
+when a block would not fit, the one-go version runs (its permutation is cheap on a GPU)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 __all__ = ["matmul_permute", "BLOCK_BYTES"]
 
@@ -61,6 +62,16 @@ def matmul_permute(a: torch.Tensor, b: torch.Tensor, rows: Sequence[int], cols: 
     return out if lead else out.squeeze(0)
 
 
+# half precision would add dB's per-block parts in half precision: one go
+_BLOCK_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def _plain_ops_only(t: torch.Tensor) -> bool:
+    """Forward-mode AD (dual tensors) and torch.func transforms (vmap, grad, jacrev) need plain
+    ops: the blocked path is an autograd.Function without jvp or vmap rules."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None
+
+
 def _largest_divisor(n: int, limit: float) -> int:
     return max((d for d in range(1, n + 1) if n % d == 0 and d <= limit), default=1)
 
@@ -69,8 +80,10 @@ def _blocks(a: torch.Tensor, b: torch.Tensor, rows: tuple[int, ...], N: int, per
             block_bytes: int, min_block_rows: int):
     """``(h, g)``: slices of ``rows[0]`` and matrices of the batch per block, or ``None`` for
     the one-go version."""
-    if (a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.dim() > 3 or b.dim() > 3
-            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
+    if (a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.dtype not in _BLOCK_DTYPES
+            or a.dim() > 3 or b.dim() > 3 or not rows
+            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+            or any(_plain_ops_only(t) for t in (a, b))):
         return None
     if perm[-1] != len(perm) - 1:
         # the innermost dim moves: the permutation is a transpose at element granularity, as
@@ -136,9 +149,9 @@ class _BlockedMatmulPermute(torch.autograd.Function):
                 # the block of dP in the product's own (rows, cols) order, copied from cache-sized runs
                 blk = grad_out[e:e + g].narrow(1 + at_dest, r, h).permute(*to_source).reshape(g, h * Mr, N)
                 if need_a:  # dA = dP B^T
-                    da_rows.append(torch.matmul(blk, b_e.transpose(-2, -1)))
+                    da_rows.append(torch.matmul(blk, b_e.mH))  # mH: complex too
                 if need_b:  # dB = A^T dP
-                    part = torch.matmul(a_e[:, r * Mr:(r + h) * Mr].transpose(-2, -1), blk)
+                    part = torch.matmul(a_e[:, r * Mr:(r + h) * Mr].mH, blk)
                     db_e = part if db_e is None else db_e + part
             if need_a:
                 da_parts.append(torch.cat(da_rows, 1) if len(da_rows) > 1 else da_rows[0])

@@ -134,12 +134,12 @@ def chain_reconstruct(cores: Sequence[torch.Tensor], batched: Sequence[bool], pl
         R = R.reshape(*((R.shape[0],) if any(batched[c + 1:]) else ()), r2, o_r * i_r)
     # the last GEMM's product, as (E?, *rows, *cols) over the chain's (o_L, i_L, o_c, i_c, o_R, i_R)
     # in some order, and the permutation that makes it (E?, out, in)
-    if R is None:  # centre is the last core: W' = L @ C
+    if R is None:  # centre is the last core: W' = L @ C, (o_L, i_L, o_c, i_c) -> (o_L, o_c, i_L, i_c)
         a, b = L, C.reshape(*E, r, o_c * i_c)
-        rows, cols, perm = (o_l, i_l), (o_c, i_c, 1, 1), (0, 2, 4, 1, 3, 5)
-    elif L is None:  # centre is the first core: W' = C @ R
+        rows, cols, perm = (o_l, i_l), (o_c, i_c), (0, 2, 1, 3)
+    elif L is None:  # centre is the first core: W' = C @ R, (o_c, i_c, o_R, i_R) -> (o_c, o_R, i_c, i_R)
         a, b = C.reshape(*E, o_c * i_c, r2), R
-        rows, cols, perm = (1, 1, o_c, i_c), (o_r, i_r), (0, 2, 4, 1, 3, 5)
+        rows, cols, perm = (o_c, i_c), (o_r, i_r), (0, 2, 1, 3)
     elif plan.right_first:
         T = torch.matmul(C.reshape(*E, r * o_c * i_c, r2), R)  # (E?, r B, D)
         T = T.reshape(*T.shape[:-2], r, o_c * i_c * o_r * i_r)
@@ -149,5 +149,5 @@ def chain_reconstruct(cores: Sequence[torch.Tensor], batched: Sequence[bool], pl
         U = torch.matmul(L, C.reshape(*E, r, o_c * i_c * r2))  # (E?, A, B r')
         a, b = U.reshape(*U.shape[:-2], o_l * i_l * o_c * i_c, r2), R
         rows, cols, perm = (o_l, i_l, o_c, i_c), (o_r, i_r), (0, 2, 4, 1, 3, 5)
-    W = matmul_permute(a, b, rows, cols, perm)  # (E?, o_L, o_c, o_R, i_L, i_c, i_R)
-    return W.reshape(*W.shape[:-6], o_l * o_c * o_r, i_l * i_c * i_r)
+    W = matmul_permute(a, b, rows, cols, perm)  # (E?, outs..., ins...)
+    return W.reshape(*W.shape[:W.dim() - len(perm)], o_l * o_c * o_r, i_l * i_c * i_r)
