@@ -74,25 +74,21 @@ def mask_summary(mask: moe.GradientMask | None) -> dict | None:
     return None if mask is None else {"p_b": mask.p_b, "steps": mask.steps, "masked_steps": mask.masked_steps}
 
 
-def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train_seconds: float | Timer,
-               argv: Sequence[str] | None, train_steps: int | None = None,
-               eval_seconds: float | Timer = 0.0) -> dict:
+def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train: Timer,
+               argv: Sequence[str] | None, train_steps: int | None = None, selection: Timer | None = None) -> dict:
     """The fields every ``results.json`` has: training wall time (s; with ``train_steps``, also
-    ``seconds_per_step`` without the ``eval_seconds`` spent on model selection, and, given
-    :class:`Timer` s, ``cpu_seconds_per_step``: process CPU time per step over all threads, which
-    pauses and waiting for a core do not inflate, with the ``threads`` it ran on), the gradient mask's summary, the MoE config
-    (``None`` for dense), the command line and the parameter counts."""
+    ``seconds_per_step`` without the ``selection`` time spent on model selection inside training,
+    and ``cpu_seconds_per_step``: process CPU time per step over all threads, which pauses and
+    waiting for a core do not inflate, with the ``threads`` it ran on), the gradient mask's
+    summary, the MoE config (``None`` for dense), the command line and the parameter counts."""
     cfg = moe.get_moe_config(model)
-    wall = lambda t: t.seconds if isinstance(t, Timer) else t  # noqa: E731
-    steps = {}
-    if train_steps is not None:
-        steps = {"train_steps": train_steps, "selection_seconds": wall(eval_seconds),  # model selection
-                 "seconds_per_step": (wall(train_seconds) - wall(eval_seconds)) / max(1, train_steps)}
-        if isinstance(train_seconds, Timer):
-            eval_cpu = eval_seconds.cpu_seconds if isinstance(eval_seconds, Timer) else 0.0
-            steps["cpu_seconds_per_step"] = (train_seconds.cpu_seconds - eval_cpu) / max(1, train_steps)
-            steps["threads"] = torch.get_num_threads()
-    return {"train_seconds": wall(train_seconds), **steps, "gradient_mask": mask_summary(mask),
+    selection = selection or Timer()
+    steps = {} if train_steps is None else {
+        "train_steps": train_steps, "selection_seconds": selection.seconds,
+        "seconds_per_step": (train.seconds - selection.seconds) / max(1, train_steps),
+        "cpu_seconds_per_step": (train.cpu_seconds - selection.cpu_seconds) / max(1, train_steps),
+        "threads": torch.get_num_threads()}
+    return {"train_seconds": train.seconds, **steps, "gradient_mask": mask_summary(mask),
             "moe_config": cfg.to_dict() if cfg is not None else None,
             "argv": sys.argv[1:] if argv is None else list(argv), **parameter_summary(model),
             "conversion_error": conversion_error_summary(model)}

@@ -5,10 +5,10 @@ made contiguous: the last step of rebuilding an MPO matrix, whose GEMM leaves th
 interleaved ``(o_L, i_L, o_c, i_c, o_R, i_R)`` order that must become ``(out, in)``. Done in one
 go, the product (75 MB for eight 3072x768 experts) is written to memory, read back and written
 again. Block by block (a few MiB: a slice of the first row factor, a few matrices of the batch),
-each block's permutation reads the GEMM's output from cache, and the backward does the same in
-reverse: permute a block of the gradient into a cache-sized buffer, then its two GEMMs.
-Measured on 2 CPU cores (eight 768x3072 experts, bond 64): the final GEMM plus permutation in
-0.79x the time of the one-go version, within 1.3x of the GEMM alone.
+each block's permutation reads the GEMM's output from cache; single-threaded, the backward does
+the same in reverse (permute a block of the gradient, then its two GEMMs). Measured by
+``benchmarks/bench_rebuild.py`` (eight 3072x768 experts, bond 64, 2 CPU cores): the forward in
+0.69x the time of the one-go version, forward + backward 0.88x.
 
 Blocks are used only where the permutation keeps the innermost dim (it then moves contiguous
 runs; a transposing permutation is as slow from cache as from memory) and each block's GEMM
