@@ -1,6 +1,7 @@
 """Print the README's markdown tables from the committed results (no numbers by hand).
 
     python results/make_tables.py            # all tables
+    python results/make_tables.py benchmarks # only the benchmark tables (results/benchmarks/*.json)
 Also writes ``glue_minilm/comparison.json`` (the GLUE table's numbers, significance included).
 """
 
@@ -150,7 +151,80 @@ def gpt2_table():
               f"{r['train_seconds_mean']:.0f} |")
 
 
+def _layer_run_label(report):
+    label = f"{report['tokens']:,} tokens"
+    if report.get("accumulate", 1) > 1:
+        label += f", `--accumulate {report['accumulate']}`"
+    if report.get("p_b"):
+        label += f", `--p-b {report['p_b']}`"
+    if report["device"] != "cpu":
+        label += f", {report['dtype']}"
+    if not report.get("retain_freed_cpu_memory", True) and report["device"] == "cpu":
+        label += ", `--allocator default`"
+    return label
+
+
+def moe_layer_table(device):
+    """``bench_moe_layer.py`` runs on ``device`` ("cpu" or "cuda"): one row per committed JSON."""
+    paths = sorted((HERE / "benchmarks").glob(f"moe_layer_{device}_*.json"))
+    reports = [json.loads(p.read_text()) for p in paths]
+    if not reports:
+        return
+    reports.sort(key=lambda r: (r.get("dtype", "float32"), not r.get("retain_freed_cpu_memory", True),
+                                r["tokens"], r.get("accumulate", 1)))
+    names = sorted({(r["device_name"], r["torch"]) for r in reports})
+    print(f"\n`bench_moe_layer.py` on {', '.join(f'{n} (torch {t})' for n, t in names)}:\n")
+    print("| run | MPOE lossless: vs dense-expert MoE / vs floor | masked / unmasked | MPOE max_bond B: vs dense / "
+          "vs floor | cached eval vs dense | dense-expert MoE vs HF Switch | dense-expert MoE / HF Switch vs GEMM floor "
+          "| GEMM rate (GFLOP/s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in reports:
+        row = {x["layer"]: x for x in r["rows"]}
+        mpoe, masked, dense, hf = (row["tnmoe_mpoe"], row["tnmoe_mpoe_masked"], row["tnmoe_dense_moe"],
+                                   row["hf_switch"])
+        bond = row[f"tnmoe_mpoe_bond{r['max_bond']}"]
+        print(f"| {_layer_run_label(r)} | {mpoe['vs_tnmoe_dense_moe']:.2f}x / {mpoe['vs_flop_floor']:.2f}x "
+              f"| {masked['vs_unmasked']:.2f}x | {bond['vs_tnmoe_dense_moe']:.2f}x / {bond['vs_flop_floor']:.2f}x "
+              f"(B = {r['max_bond']}) | {row['tnmoe_mpoe_eval_cached']['vs_tnmoe_dense_moe']:.2f}x "
+              f"| {dense['vs_hf_switch']:.2f}x | {dense['vs_gemm_floor']:.2f}x / {hf['vs_gemm_floor']:.2f}x "
+              f"| {r['gemm_gflops']:.0f} |")
+
+
+def mpo_linear_table(device):
+    """``bench_mpo_linear.py`` on ``device``: MPOLinear vs nn.Linear, and vs tensorly-torch."""
+    path = HERE / "benchmarks" / f"mpo_linear_{device}.json"
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"\n`bench_mpo_linear.py` on {r['device_name']} (torch {r['torch']}), {r['tokens']:,} tokens:\n")
+    print("| MPO | forward / nn.Linear | train step / nn.Linear | eval (cached) / nn.Linear | train step / naive rebuild |")
+    print("|---|---|---|---|---|")
+    for x in r["rows"]:
+        if "forward_vs_linear" in x:
+            name = x["config"].replace("max_bond=", "max_bond ")
+            print(f"| {name} | {x['forward_vs_linear']:.2f}x | {x['train_step_vs_linear']:.2f}x "
+                  f"| {x['eval_cached_vs_linear']:.2f}x | {x['train_step_vs_naive']:.2f}x |")
+    tl = [x for x in r["rows"] if "ours_vs_tltorch" in x]
+    if tl:
+        print("\n| vs tensorly-torch block-TT (forward+backward) | tokens | ours / nn.Linear | tltorch / nn.Linear "
+              "| ours / tltorch |")
+        print("|---|---|---|---|---|")
+        for x in tl:
+            print(f"| rank {x['config'].split('rank=')[1]} ({x['tltorch_impl']}) | {x['tokens']:,} "
+                  f"| {x['ours_vs_linear']:.2f}x | {x['tltorch_vs_linear']:.2f}x | {x['ours_vs_tltorch']:.2f}x |")
+
+
+def benchmark_tables():
+    for device in ("cpu", "cuda"):
+        mpo_linear_table(device)
+        moe_layer_table(device)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["benchmarks"]:
+        benchmark_tables()
+        sys.exit()
+    benchmark_tables()
     glue_table()
     gpt2_table()
     factorization_table("gpt2_wikitext2/factorization.json", "test PPL")

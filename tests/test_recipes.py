@@ -890,3 +890,39 @@ def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path,
     assert rows[1]["cpu_seconds_per_step"] == pytest.approx(0.375) and rows[0]["cpu_seconds_per_step"] is None
     printed = capsys.readouterr().out
     assert "| RTE (accuracy) | mpoe | 2 |" in printed and "| 0.50 | 0.38 |" in printed
+
+
+def test_readme_benchmark_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
+    """Every benchmark table row in the README is a row make_tables prints from results/benchmarks."""
+    sys.path.insert(0, str(ROOT / "results"))
+    import make_tables
+
+    monkeypatch.setattr(make_tables, "HERE", ROOT / "results")
+    make_tables.benchmark_tables()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    readme = (ROOT / "README.md").read_text()
+    assert len(rows) >= 12
+    missing = [r for r in rows if r not in readme]
+    assert not missing, f"README lacks these rows (run `python results/make_tables.py benchmarks`): {missing}"
+    layer = json.loads((ROOT / "results" / "benchmarks" / "moe_layer_cpu_4096.json").read_text())
+    mpoe = next(r for r in layer["rows"] if r["layer"] == "tnmoe_mpoe")
+    assert f"| 4,096 tokens | {mpoe['vs_tnmoe_dense_moe']:.2f}x / {mpoe['vs_flop_floor']:.2f}x |" in readme
+
+
+def test_benchmark_table_labels_gpu_runs_by_dtype(tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, str(ROOT / "results"))
+    import make_tables
+
+    src = json.loads((ROOT / "results" / "benchmarks" / "moe_layer_cpu_4096.json").read_text())
+    (tmp_path / "benchmarks").mkdir()
+    for dtype, scale in (("float32", 1.0), ("bfloat16", 2.0)):
+        report = dict(src, device="cuda:0", device_name="NVIDIA H100 80GB HBM3", dtype=dtype, tokens=65536,
+                      torch="2.11.0+cu130", gemm_gflops=50000.0 * scale)
+        (tmp_path / "benchmarks" / f"moe_layer_cuda_{dtype}_65536.json").write_text(json.dumps(report))
+    monkeypatch.setattr(make_tables, "HERE", tmp_path)
+    make_tables.benchmark_tables()
+    out = capsys.readouterr().out
+    assert "on NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130)" in out
+    lines = [line for line in out.splitlines() if line.startswith("| 65,536 tokens")]
+    assert [line.split(" | ")[0] for line in lines] == ["| 65,536 tokens, bfloat16", "| 65,536 tokens, float32"]
+    assert lines[0].endswith("| 100000 |") and lines[1].endswith("| 50000 |")
