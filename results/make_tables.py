@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "recipes"))
 from significance import paired_bootstrap, seed_ttest  # noqa: E402
+from studies import mean_std  # noqa: E402
 
 TASKS = ["cola", "rte", "mrpc", "stsb"]
 METRIC = {"cola": "matthews", "rte": "accuracy", "mrpc": "accuracy", "stsb": "pearson"}
@@ -22,11 +23,6 @@ VARIANTS = ["dense", "switch", "moe", "mpoe", "mpoe-wo-gm", "mpoe-wo-ps", "mpoe+
 def load(p):
     p = HERE / p
     return json.loads(p.read_text()) if p.is_file() else []
-
-
-def mean_std(xs):
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan"))
 
 
 def glue_runs():
@@ -74,6 +70,7 @@ def glue_table():
                 continue
             scores = [r["test"]["tasks"][task][metric] for r in by_seed.values()]
             m, s = mean_std(scores)
+            s = s if len(scores) > 1 else float("nan")  # one seed: no spread to report
             first = next(iter(by_seed.values()))
             steps = [r["seconds_per_step"] for r in by_seed.values() if "seconds_per_step" in r]
             row = {"task": task, "metric": metric, "variant": v, "seeds": sorted(by_seed), "mean": m, "std": s,
