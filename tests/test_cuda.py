@@ -12,16 +12,13 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
+from test_experts import random_experts
 from tiny_models import inputs_for, tiny_gpt2
 import tnmoe.moe as moe
 from tnmoe.moe import (
-    DenseExpertBank,
-    ExpertFFN,
     HashRouter,
     MoELayer,
-    MPOExpertBank,
     SwitchRouter,
     TopKRouter,
     grouped_linear,
@@ -51,17 +48,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def make_layer(kind: str, router: str, gated: bool = False, capacity_factor: float | None = None,
                E: int = 4, d: int = 24, d_ff: int = 48) -> MoELayer:
-    """A float64 CPU layer with experts that differ and decisive routing."""
-    factors = {24: [2, 3, 4], 48: [4, 3, 4]}
-
-    def bank(i, o):
-        if kind == "dense":
-            return DenseExpertBank(num_experts=E, in_features=i, out_features=o, dtype=torch.float64)
-        return MPOExpertBank(num_experts=E, in_factors=factors[i], out_factors=factors[o], share="central",
-                             dtype=torch.float64)
-
-    experts = ExpertFFN(up=bank(d, d_ff), down=bank(d_ff, d), gate=bank(d, d_ff) if gated else None,
-                        up_bias=True, down_bias=True)
+    """A float64 CPU layer with experts that differ (MPO experts share the central core) and
+    decisive routing."""
+    experts = random_experts(kind, "central", gated, E=E, d=d, d_ff=d_ff)
     if router == "switch":
         r = SwitchRouter(d_model=d, num_experts=E, capacity_factor=capacity_factor,
                          drop_tokens=capacity_factor is not None)
@@ -69,10 +58,8 @@ def make_layer(kind: str, router: str, gated: bool = False, capacity_factor: flo
         r = TopKRouter(d_model=d, num_experts=E, top_k=2, capacity_factor=capacity_factor, gate_scaling="normalized")
     else:
         r = HashRouter(num_experts=E, vocab_size=97)
-    with torch.no_grad():
-        experts.up_bias.normal_()
-        experts.down_bias.normal_()
-        if hasattr(r, "gate"):
+    if hasattr(r, "gate"):
+        with torch.no_grad():
             r.gate.weight.normal_()
     return MoELayer(router=r.double(), experts=experts, load_balancing_coef=0.0)
 

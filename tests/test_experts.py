@@ -84,7 +84,7 @@ def random_experts(kind, share, gated, E=4, d=12, d_ff=24, dtype=torch.float64):
     def bank(i, o):
         if kind == "dense":
             return DenseExpertBank(num_experts=E, in_features=i, out_features=o, dtype=dtype)
-        fi = {12: [2, 3, 2], 24: [2, 3, 4]}
+        fi = {12: [2, 3, 2], 24: [2, 3, 4], 48: [4, 3, 4]}
         return MPOExpertBank(num_experts=E, in_factors=fi[i], out_factors=fi[o], share=share, dtype=dtype)
 
     experts = ExpertFFN(up=bank(d, d_ff), down=bank(d_ff, d), gate=bank(d, d_ff) if gated else None,
