@@ -44,10 +44,11 @@ def glue_runs():
     return runs
 
 
-def glue_table():
+def glue_table(write_json: bool = True) -> list[dict]:
+    """Print the GLUE grid's tables; return the rows (and write them to ``comparison.json``)."""
     runs = glue_runs()
     if not runs:
-        return
+        return []
     sweep = load("glue_minilm/sweep/chosen.json")
     if sweep:
         print("Learning rates chosen on CoLA's validation half (seed 1; best epoch of 3):\n")
@@ -112,7 +113,9 @@ def glue_table():
             print(f"| {task.upper()} ({metric}) | {v} | {len(by_seed)} | {m:.3f}{std}{extra} | {delta} | {p_boot} | {p_t} "
                   f"| {row['total_params'] / 1e6:.1f} / {row['active_params_per_token'] / 1e6:.1f} | {sps} | {cps} |")
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in out]
-    (HERE / "glue_minilm" / "comparison.json").write_text(json.dumps(clean, indent=2))  # strict JSON: no NaN
+    if write_json:
+        (HERE / "glue_minilm" / "comparison.json").write_text(json.dumps(clean, indent=2))  # strict JSON: no NaN
+    return clean
 
 
 def factorization_table(path, metric_label):

@@ -892,6 +892,27 @@ def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path,
     assert "| RTE (accuracy) | mpoe | 2 |" in printed and "| 0.50 | 0.38 |" in printed
 
 
+def test_readme_evidence_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
+    """Every row make_tables prints from the committed GLUE / GPT-2 / factorization results is in the
+    README, and glue_minilm/comparison.json holds what the table is printed from (fails after a
+    run finishes until `python results/make_tables.py` is rerun and its tables are pasted)."""
+    sys.path.insert(0, str(ROOT / "results"))
+    import make_tables
+
+    monkeypatch.setattr(make_tables, "HERE", ROOT / "results")
+    glue_rows = make_tables.glue_table(write_json=False)
+    make_tables.gpt2_table()
+    make_tables.factorization_table("gpt2_wikitext2/factorization.json", "test PPL")
+    make_tables.factorization_table("glue_minilm/factorization_stsb/factorization.json", "STS-B Pearson")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) >= 20
+    readme = (ROOT / "README.md").read_text()
+    missing = [r for r in rows if r not in readme]
+    assert not missing, f"README lacks these rows (run `python results/make_tables.py`): {missing}"
+    committed = json.loads((ROOT / "results" / "glue_minilm" / "comparison.json").read_text())
+    assert committed == json.loads(json.dumps(glue_rows)), "comparison.json is stale: run results/make_tables.py"
+
+
 def test_readme_benchmark_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
     """Every benchmark table row in the README is a row make_tables prints from results/benchmarks."""
     sys.path.insert(0, str(ROOT / "results"))
