@@ -2,6 +2,7 @@
 vs per-expert loop, reconstruction amortized over micro-batches vs plain accumulation,
 torch.compile of the dropless layer."""
 
+import contextlib
 import math
 
 import pytest
@@ -299,6 +300,55 @@ def test_amortized_reconstruction_refuses_a_step_inside_the_window():
     with pytest.raises(RuntimeError, match="accumulation window"):
         with accumulate_reconstruction(model, last=True):
             model(**b, labels=b["input_ids"]).loss.backward()
+
+
+def _head_grads(model, steps, amortize):
+    """Micro-batches ``steps``, each a list of ``(head, x)`` losses backpropagated one by one."""
+    model.zero_grad(set_to_none=True)
+    for i, losses in enumerate(steps):
+        window = accumulate_reconstruction(model, last=i == len(steps) - 1) if amortize else contextlib.nullcontext()
+        with window:
+            outs = [(model[head](x) ** 2).sum() for head, x in losses]
+            for j, loss in enumerate(outs):
+                loss.backward(retain_graph=j < len(outs) - 1)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _amortization_case(case):
+    torch.manual_seed(0)
+
+    def x(n, d=24):
+        return torch.randn(n, d, dtype=torch.float64)
+
+    if case == "small-last-batch":  # "auto" would stream 1 token; the step's rebuilt weights must carry it
+        head = MPOLinear(in_features=64, out_features=64, in_factors=[4, 4, 4], out_factors=[4, 4, 4], max_bond=4, dtype=torch.float64)
+        assert head.explain(1).mode == "stream" and head.explain(16).mode == "reconstruct"
+        return nn.ModuleDict({"a": head}), [[("a", x(16, 64))], [("a", x(16, 64))], [("a", x(1, 64))]]
+    kw = dict(in_factors=[2, 3, 4], out_factors=[2, 3, 2], dtype=torch.float64, mode="reconstruct")
+    model = nn.ModuleDict({"a": MPOLinear(in_features=24, out_features=12, **kw),
+                          "b": MPOLinear(in_features=24, out_features=12, **kw)})
+    if case == "unused-in-last":  # multi-task: head b is used early, not in the last micro-batch
+        return model, [[("a", x(5))], [("b", x(5))], [("a", x(5))]]
+    assert case == "two-backward-in-last"  # two losses through the last micro-batch's weights
+    return model, [[("a", x(5))], [("a", x(5))], [("a", x(5)), ("a", x(5))]]
+
+
+@pytest.mark.parametrize("case", ["small-last-batch", "unused-in-last", "two-backward-in-last"])
+def test_amortized_reconstruction_matches_plain_accumulation_in_every_micro_batch_pattern(case):
+    model, steps = _amortization_case(case)
+    plain = _head_grads(model, steps, amortize=False)
+    amortized = _head_grads(model, steps, amortize=True)
+    assert plain.keys() == amortized.keys() and any(".cores." in k for k in plain)
+    for k in plain:
+        torch.testing.assert_close(amortized[k], plain[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
+def test_amortized_reconstruction_refuses_an_unflushed_gradient_under_distributed(monkeypatch):
+    model, steps = _amortization_case("unused-in-last")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    with pytest.raises(RuntimeError, match="would not be all-reduced"):
+        _head_grads(model, steps, amortize=True)
 
 
 def test_compiled_dropless_layer_is_one_graph():

@@ -356,3 +356,81 @@ def test_contract_user_built_network_keeps_autograd():
     with pytest.raises(ValueError, match="dangling"):
         nd = tn.Node(torch.randn(3, 2, dtype=torch.float64), backend="pytorch")
         contract_network([nd])
+
+
+# --- dtypes, empty batches and edge cases found in review -------------------------------------
+def _complex_matrix(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.complex(torch.randn(12, 24, generator=g, dtype=torch.float64),
+                         torch.randn(12, 24, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("center", [0, "central", None])
+def test_complex_mpo_canonicalize_and_truncate_stay_complex_and_exact(center):
+    W = _complex_matrix()
+    mpo = MPO.from_matrix(W, [2, 3, 4], [2, 3, 2])
+    for out in (mpo.canonicalize(0 if center is None else center), mpo.truncate(max_bond=1000, center=center)):
+        assert out.dtype == torch.complex128
+        assert rel_err(out.to_matrix(), W) < 1e-12  # exact operations: the imaginary part is kept
+
+
+def test_rtol_truncation_measures_the_complex_norm():
+    R = _complex_matrix().real.contiguous()
+    real = MPO.from_matrix(R.to(torch.complex128), [2, 3, 4], [2, 3, 2], rtol=0.5)
+    rotated = MPO.from_matrix(1j * R.to(torch.complex128), [2, 3, 4], [2, 3, 2], rtol=0.5)
+    assert rotated.bond_dims == real.bond_dims  # a global phase has the same singular values
+    assert real.bond_dims[1] < 12  # rtol really truncated
+    assert rel_err(rotated.to_matrix(), 1j * R.to(torch.complex128)) <= 0.5
+
+
+def test_from_matrix_of_an_integer_matrix_gives_float_cores():
+    W = torch.arange(12 * 24).reshape(12, 24) % 7 - 3
+    mpo = MPO.from_matrix(W, [2, 3, 4], [2, 3, 2])
+    assert mpo.dtype == torch.float32
+    assert rel_err(mpo.to_matrix(), W.float()) < 1e-5
+
+
+def test_truncate_and_canonicalize_keep_a_half_precision_dtype():
+    mpo = MPO.from_matrix(torch.randn(12, 24, dtype=torch.float64), [2, 3, 4], [2, 3, 2]).to(torch.bfloat16)
+    dense = mpo.to_matrix().double()
+    for out in (mpo.canonicalize(), mpo.truncate(max_bond=1000), mpo.truncate(max_bond=1000, center=0)):
+        assert out.dtype == torch.bfloat16
+        assert rel_err(out.to_matrix().double(), dense) < 3e-2
+
+
+def test_negative_center_counts_from_the_end_and_out_of_range_raises():
+    W = torch.randn(8, 8, dtype=torch.float64)
+    assert MPO.from_matrix(W, [2, 2, 2], [2, 2, 2], center=-1).center == 2
+    with pytest.raises(ValueError, match=r"center must be in \[-3, 2\]"):
+        MPO.from_matrix(W, [2, 2, 2], [2, 2, 2], center=-4)
+
+
+@pytest.mark.parametrize("mode", ["stream", "reconstruct", "auto"])
+def test_float64_mpolinear_under_autocast_stays_float64_like_linear(mode):
+    lin = nn.Linear(24, 12, dtype=torch.float64)
+    layer = MPOLinear.from_linear(lin, in_factors=[2, 3, 4], out_factors=[2, 3, 2], mode=mode)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = layer(x), lin(x)
+    assert y.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("mode", ["stream", "reconstruct", "auto"])
+@pytest.mark.parametrize("shape", [(0, 24), (0, 5, 24), (3, 0, 24)])
+def test_empty_batches_give_empty_outputs_like_linear(mode, shape):
+    lin = nn.Linear(24, 12)
+    layer = MPOLinear.from_linear(lin, in_factors=[2, 3, 4], out_factors=[2, 3, 2], mode=mode)
+    x = torch.randn(*shape)
+    assert layer(x).shape == lin(x).shape == (*shape[:-1], 12)
+    assert MPO.from_matrix(lin.weight.detach(), [2, 3, 4], [2, 3, 2]).apply(x).shape == (*shape[:-1], 12)
+
+
+def test_contract_network_refuses_edges_to_nodes_left_out():
+    tn = pytest.importorskip("tensornetwork")
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    na, nb = tn.Node(a, backend="pytorch"), tn.Node(b, backend="pytorch")
+    na[1] ^ nb[0]
+    with pytest.raises(ValueError, match="not in `nodes`"):
+        contract_network([na], [na[0]])  # would silently sum over the bond to nb
+    torch.testing.assert_close(contract_network([na, nb], [na[0], nb[1]]), a @ b)

@@ -250,8 +250,10 @@ class MPOBank(nn.Module):
         return [t.float() if t.dtype in _HALF else t for t in tensors]
 
     def _out_dtype(self) -> torch.dtype:
+        """The autocast dtype inside autocast (as nn.Linear's output), else the cores' dtype;
+        float64 cores stay float64 (autocast leaves float64 tensors alone)."""
         device_type = self.cores[0].device.type
-        if torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type) and self.cores[0].dtype != torch.float64:
             return torch.get_autocast_dtype(device_type)
         return self.cores[0].dtype
 
@@ -385,6 +387,7 @@ class _AddAccumulatedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         earlier = ctx.leaf.grad
+        ctx.leaf.grad = None  # added once, however many backward passes run through this graph
         return (grad if earlier is None else grad + earlier), None
 
 
@@ -413,8 +416,31 @@ def accumulate_reconstruction(module: nn.Module, *, last: bool) -> Iterator[None
         bank._accumulating = "last" if last else "early"
     try:
         yield
+        if last:
+            for bank in banks:
+                _flush_accumulated_grad(bank)
     finally:
         for bank in banks:
             bank._accumulating = None
             if last:  # the next micro-batch belongs to the next optimizer step
                 bank._accumulation = None
+
+
+def _flush_accumulated_grad(bank: MPOBank) -> None:
+    """At the end of an optimizer step's last micro-batch: earlier micro-batches' gradient that
+    did not reach the cores (the bank was unused in the last micro-batch, streamed it, or ran it
+    without grad) is pushed through the reconstruction now."""
+    state = bank._accumulation
+    if state is None or state.leaf.grad is None:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise RuntimeError(
+            f"{type(bank).__name__}: earlier micro-batches' gradient never reached the cores, because "
+            "this bank's rebuilt weights were not used with grad in the last micro-batch of the "
+            "optimizer step; under distributed training a gradient pushed outside the wrapped "
+            "model's backward would not be all-reduced. Use the bank in every last micro-batch, "
+            "or train without accumulate_reconstruction (with MoETrainer: set its amortize_reconstruction = False)"
+        )
+    earlier, state.leaf.grad = state.leaf.grad, None
+    torch.autograd.backward(state.rebuilt, earlier)

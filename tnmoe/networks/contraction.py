@@ -215,7 +215,7 @@ class ContractionEngine:
         """Apply one MPO matrix's cores to tokens ``x`` ``(N, in)`` -> ``(N, out)``."""
         ins = [c.shape[-2] for c in cores]
         y = self.contract(apply_equation(len(cores)), x.reshape(x.shape[0], *ins), *cores)
-        return y.reshape(x.shape[0], -1)
+        return y.reshape(x.shape[0], _prod(c.shape[-3] for c in cores))  # also for 0 tokens
 
 
 # Planning results are constants for torch.compile: computed (and cached) at trace time, once.

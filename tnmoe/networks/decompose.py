@@ -70,6 +70,11 @@ class SVDTruncation:
         return math.sqrt(sum(d * d for d in self.discarded))
 
 
+def _norm64(t: torch.Tensor) -> float:
+    """Frobenius norm of ``t`` (real or complex), accumulated in float64."""
+    return float(torch.linalg.vector_norm(t.abs().double() if t.is_complex() else t.double()))
+
+
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype if t.dtype in _DECOMP_DTYPES else torch.float32
 
@@ -117,7 +122,7 @@ def tt_svd(
     d = len(dims)
     abs_tol = 0.0
     if rtol:
-        abs_tol = float(rtol) * float(torch.linalg.vector_norm(work.double())) / math.sqrt(d - 1)
+        abs_tol = float(rtol) * _norm64(work) / math.sqrt(d - 1)
     cores, info = [], SVDTruncation()
     rest = work.reshape(1, -1)
     r_prev = 1
@@ -189,7 +194,7 @@ def truncate_train(
     cores = left_orthogonalize([c.to(_work_dtype(c)) for c in cores], m - 1)
     abs_tol = 0.0
     if rtol:
-        norm = float(torch.linalg.vector_norm(cores[-1].double()))
+        norm = _norm64(cores[-1])
         abs_tol = float(rtol) * norm / math.sqrt(max(m - 1, 1))
     info = SVDTruncation()
     for k in range(m - 1, 0, -1):

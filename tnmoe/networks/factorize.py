@@ -48,7 +48,10 @@ def _safe_factorize(dim: int, m: int) -> list[int] | str:
 
 
 def factorize(dim: int, m: int | Sequence[int]) -> list[int]:
-    """Split ``dim`` into ``m`` factors whose product is ``dim``, as balanced as possible.
+    """Split ``dim`` into ``m`` factors whose product is ``dim``, balanced by a greedy rule
+    (largest prime first, to the smallest factor so far). It is not always the most balanced
+    split: ``factorize(72, 2) == [12, 6]`` where ``[8, 9]`` exists; pass ``m`` as explicit
+    factors for a particular split.
 
     The factors are ordered "mountain"-like (largest in the middle), matching the MPO literature,
     where the central local tensor carries the largest dims: ``factorize(768, 5) == [3, 4, 4, 4, 4]``

@@ -82,6 +82,14 @@ def network_to_einsum(nodes: Sequence, output_edge_order: Sequence = ()) -> tupl
             symbols[id(edge)] = oe.get_symbol(len(symbols))
         return symbols[id(edge)]
 
+    inside = {id(n) for n in nodes}
+    for n in nodes:
+        for e in n.edges:
+            if not e.is_dangling() and not (id(e.node1) in inside and id(e.node2) in inside):
+                raise ValueError(
+                    f"node {n.name!r}: edge {e.name!r} connects to a node that is not in `nodes`; "
+                    "pass every node of the network (or disconnect the edge first)"
+                )
     terms = ["".join(sym(e) for e in n.edges) for n in nodes]
     dangling = {id(e) for n in nodes for e in n.edges if e.is_dangling() and e.dimension != 1}
     listed = {id(e) for e in output_edge_order}

@@ -171,8 +171,10 @@ class MPOLinear(MPOBank):
         x2 = x.reshape(-1, self.in_features)
         use_cache = self.use_weight_cache()
         mode = self.mode
-        if mode == "auto":
-            mode = "stream" if self.stream_is_cheaper(x2.shape[0], weight_cached=use_cache) else "reconstruct"
+        if mode == "auto":  # inside accumulate_reconstruction the step's weights are rebuilt already
+            stream = not (self.accumulating and torch.is_grad_enabled()) and \
+                self.stream_is_cheaper(x2.shape[0], weight_cached=use_cache)
+            mode = "stream" if stream else "reconstruct"
         bias = self.bias
         if mode == "stream":
             y = self.stream(x2, 0)

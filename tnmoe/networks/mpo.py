@@ -10,6 +10,7 @@ import torch
 from .contraction import ContractionEngine, default_engine
 from .decompose import (
     SVDTruncation,
+    _work_dtype,
     check_finite,
     lossless_bond_dims,
     move_center,
@@ -178,8 +179,9 @@ class MPO:
         c = _resolve_center(center, m)
         if c is not None and c != m - 1:
             cores3 = move_center(cores3, c)
+        keep = W.is_floating_point() or W.is_complex()  # an integer W gets float32 cores
         cores = [
-            g.reshape(g.shape[0], o, i, g.shape[-1]).to(W.dtype)
+            g.reshape(g.shape[0], o, i, g.shape[-1]).to(W.dtype if keep else g.dtype)
             for g, o, i in zip(cores3, out_factors, in_factors)
         ]
         return cls(cores, info, center=m - 1 if c is None else c)
@@ -279,7 +281,7 @@ class MPO:
         """Exact mixed-canonical form (QR sweeps) with the orthogonality centre at ``center``."""
         c = _resolve_center(center, self.m)
         cores3 = move_center([_to3(g) for g in self.cores], c)
-        return MPO(_to4(cores3, self), self.truncation, center=c)
+        return MPO([g.to(self.dtype) for g in _to4(cores3, self)], self.truncation, center=c)
 
     def truncate(
         self,
@@ -293,9 +295,10 @@ class MPO:
         (a bound; exact for a single cut). Canonicalized to ``center`` afterwards.
         """
         cores3, info = truncate_train([_to3(g) for g in self.cores], max_bond=max_bond, rtol=rtol)
-        out = MPO([g.to(self.dtype) for g in _to4(cores3, self)], info, center=0)
         c = _resolve_center(center, self.m)
-        return out if c is None or c == 0 else MPO(out.canonicalize(c).cores, info, center=c)
+        if c is not None and c != 0:  # truncate_train leaves the centre on core 0
+            cores3 = move_center(cores3, c)
+        return MPO([g.to(self.dtype) for g in _to4(cores3, self)], info, center=0 if c is None else c)
 
     def to(self, *args, **kwargs) -> "MPO":
         return MPO([c.to(*args, **kwargs) for c in self.cores], self.truncation, self.center)
@@ -314,15 +317,15 @@ def _resolve_center(center: int | str | None, m: int) -> int | None:
         return (m - 1) // 2
     if isinstance(center, str):
         raise ValueError(f"center must be 'central', an int or None, got {center!r}")
-    c = int(center) % m if int(center) < 0 else int(center)
+    c = int(center) + m if int(center) < 0 else int(center)
     if not 0 <= c < m:
-        raise ValueError(f"center must be in [0, {m - 1}] for an MPO of {m} cores, got {center}")
+        raise ValueError(f"center must be in [-{m}, {m - 1}] for an MPO of {m} cores, got {center}")
     return c
 
 
 def _to3(g: torch.Tensor) -> torch.Tensor:
-    dtype = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
-    return g.to(dtype).reshape(g.shape[0], g.shape[1] * g.shape[2], g.shape[3])
+    """``(r, o, i, r')`` -> ``(r, o*i, r')`` in a dtype QR/SVD accept (half precision -> float32)."""
+    return g.to(_work_dtype(g)).reshape(g.shape[0], g.shape[1] * g.shape[2], g.shape[3])
 
 
 def _to4(cores3: Sequence[torch.Tensor], like: MPO) -> list[torch.Tensor]:
