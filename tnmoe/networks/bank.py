@@ -400,8 +400,10 @@ def accumulate_reconstruction(module: nn.Module, *, last: bool) -> Iterator[None
     matrices once, at the first micro-batch of an optimizer step; earlier micro-batches
     accumulate the gradient with respect to the rebuilt matrices, and the last pushes the sum
     through the reconstruction once, inside its own backward (so DDP all-reduces the cores'
-    gradients as usual; run earlier micro-batches under ``no_sync()``). The cores' gradients
-    equal plain accumulation's up to float rounding. Plain loop::
+    gradients as usual; run earlier micro-batches under ``no_sync()``). A bank the last
+    micro-batch leaves unused gets the earlier gradient pushed when its window closes (an error
+    under multi-process training, where that gradient would not be all-reduced). The cores'
+    gradients equal plain accumulation's up to float rounding. Plain loop::
 
         for i, batch in enumerate(loader):
             with accumulate_reconstruction(model, last=(i + 1) % K == 0):
