@@ -341,3 +341,35 @@ def test_save_refuses_a_folder_with_subfolders(tmp_path):
         moe.save_pretrained(_converted(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "notes.txt"]
     assert not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("router", ["switch", "hash"])
+def test_half_precision_checkpoint_reloads_with_float32_routers_and_the_same_routing(tmp_path, router):
+    torch.manual_seed(0)
+    model = tiny_gpt2().to(torch.bfloat16).eval()
+    moe.convert(model, MoEConfig(num_experts=4, m=3, init_noise=0.5, router=router), progress=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-router stand-in: O(1) float32 weights that bf16 would round
+        for _, layer in moe.moe_layers(model):
+            for p in layer.router.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    batch = inputs_for(model, batch=8, seq=32)
+
+    def routed(m):
+        picks = []
+        hooks = [layer.router.register_forward_hook(lambda mod, a, out: picks.append(out.expert_index.clone()))
+                 for _, layer in moe.moe_layers(m)]
+        with torch.no_grad():
+            logits = m(**batch).logits
+        for h in hooks:
+            h.remove()
+        return logits, picks
+
+    want_logits, want_picks = routed(model)
+    moe.save_pretrained(model, tmp_path / "ck")
+    loaded = moe.from_pretrained(tmp_path / "ck")
+    original = {n: t.dtype for n, t in model.state_dict().items()}
+    assert {n: t.dtype for n, t in loaded.state_dict().items()} == original  # float32 router, int64 hash table
+    logits, picks = routed(loaded)
+    assert all(torch.equal(a, b) for a, b in zip(picks, want_picks))
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)

@@ -398,6 +398,11 @@ def tnmoe_model_class(base: type, base_config: type | None = None) -> type:
         "__doc__": f"``{base.__name__}`` converted by tnmoe when built (weights come from the checkpoint).",
         "_tnmoe_base_model": base,
         "config_class": tnmoe_config_class(base_config),
+        # routers compute in float32 (convert builds them so): a checkpoint loaded in bf16/fp16
+        # keeps them float32, or routing decisions would change on reload (learned weights only:
+        # a hash router's integer table must not be cast)
+        "_keep_in_fp32_modules_strict": sorted(set(getattr(base, "_keep_in_fp32_modules_strict", None) or [])
+                                               | {"router.gate", "router.noise"}),
         "__init__": _model_init,
         "__reduce_ex__": _model_reduce_ex,
     }
