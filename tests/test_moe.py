@@ -447,3 +447,25 @@ def test_register_custom_adapter():
         assert isinstance(net[0], MoELayer)
         torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
     assert "TinyFFN" not in moe.registered_adapters()
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_llama_gated_mlp_converts_losslessly_and_refuses_a_gate_bias(mlp_bias):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=100,
+                                         mlp_bias=mlp_bias)).eval()
+    ids = torch.randint(2, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    config = moe.MoEConfig(num_experts=2, expert_type="dense", router="topk", top_k=1, capacity_factor=None)
+    if mlp_bias:  # the experts have no gate bias: converting would silently drop it
+        with pytest.raises(NotImplementedError, match="gate_proj bias"):
+            moe.convert(model, config, progress=False)
+        return
+    moe.convert(model, config, progress=False)
+    assert len(moe.moe_layers(model)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)

@@ -103,6 +103,12 @@ class LlamaMLPAdapter(FFNAdapter):
     """LLaMA/Mistral/Qwen-style gated MLP: ``down(act(gate(x)) * up(x))``."""
 
     def extract(self, module):
+        if module.gate_proj.bias is not None:  # ExpertFFN's gate has no bias: it would be dropped
+            raise NotImplementedError(
+                f"{type(module).__name__} has a gate_proj bias (e.g. LlamaConfig(mlp_bias=True)), which tnmoe's "
+                "gated experts do not carry; converting would silently change the model. Convert a model "
+                "without gate biases, or leave these layers out of target_modules"
+            )
         return FFNSpec(up=module.up_proj.weight, gate=module.gate_proj.weight,
                        down=module.down_proj.weight, activation=module.act_fn,
                        up_bias=module.up_proj.bias, down_bias=module.down_proj.bias)
