@@ -469,3 +469,22 @@ def test_llama_gated_mlp_converts_losslessly_and_refuses_a_gate_bias(mlp_bias):
     assert len(moe.moe_layers(model)) == 2
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_chunked_feed_forward_is_routed_in_one_call():
+    torch.manual_seed(0)
+    model = tiny_bert(chunk_size_feed_forward=4, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    batch = inputs_for(model, batch=2, seq=12)
+    want = model(**batch).logits.detach()
+    with pytest.warns(UserWarning, match="chunk_size_feed_forward=4 set to 0"):
+        moe.convert(model, moe.MoEConfig(num_experts=4, router="topk", top_k=2, capacity_factor=None,
+                                         expert_type="dense"), progress=False)
+    calls = []
+    hooks = [layer.router.register_forward_hook(lambda mod, a, out: calls.append(out.expert_index.shape[0]))
+             for _, layer in moe.moe_layers(model)]
+    logits = model(**batch).logits
+    for h in hooks:
+        h.remove()
+    assert calls == [24, 24]  # each layer routes all 2 x 12 tokens in one call: aux loss and stats cover them
+    assert all(layer.last_stats.num_tokens == 24 for _, layer in moe.moe_layers(model))
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)  # upcycled dense experts: lossless

@@ -7,6 +7,7 @@ output dense). Add your own with :func:`register_adapter`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -97,6 +98,12 @@ class BertLayerAdapter(FFNAdapter):
     def install(self, parent, name, module, moe):
         module.intermediate = moe
         module.output.dense = nn.Identity().train(module.output.dense.training)
+        if getattr(module, "chunk_size_feed_forward", 0):
+            # chunked feed-forward would call the MoE layer once per chunk: routing capacity per
+            # chunk, and the auxiliary loss / stats of the last chunk only; one call sees them all
+            warnings.warn(f"{type(module).__name__}: chunk_size_feed_forward="
+                          f"{module.chunk_size_feed_forward} set to 0 (the MoE layer routes all tokens at once)")
+            module.chunk_size_feed_forward = 0
 
 
 class LlamaMLPAdapter(FFNAdapter):
