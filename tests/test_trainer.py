@@ -220,3 +220,34 @@ def test_trainer_amortized_reconstruction_matches_per_micro_batch(tmp_path):
     assert (rebuilds, plain_rebuilds) == (3, 9)  # once per optimizer step vs once per micro-batch
     for n in plain:
         torch.testing.assert_close(amortized[n], plain[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def _checkpointed_run(out, use_reentrant, accumulation=1):
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), MPOE, progress=False)
+    new = "activation_checkpointing" in TrainingArguments.__dataclass_fields__  # the name since transformers 5.x
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    args = _args(out, max_steps=2, save_strategy="no", per_device_train_batch_size=2,
+                 gradient_accumulation_steps=accumulation,
+                 **{name: True, f"{name}_kwargs": {"use_reentrant": use_reentrant}})
+    trainer = moe.MoETrainer(model=model, args=args, train_dataset=Tokens(n=16))
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_trainer_with_activation_checkpointing_and_accumulation_matches_without_checkpointing(tmp_path):
+    """Checkpointing re-runs MPO layers in the backward, so amortized reconstruction is skipped;
+    the parameters equal an uncheckpointed run's."""
+    checkpointed = _checkpointed_run(tmp_path / "ckpt", use_reentrant=False, accumulation=2)
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), MPOE, progress=False)
+    moe.MoETrainer(model=model, args=_args(tmp_path / "plain", max_steps=2, save_strategy="no",
+                                           per_device_train_batch_size=2, gradient_accumulation_steps=2),
+                   train_dataset=Tokens(n=16)).train()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(checkpointed[n], p.detach(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_trainer_refuses_an_aux_loss_without_gradient_under_reentrant_checkpointing(tmp_path):
+    with pytest.raises(RuntimeError, match="auxiliary loss carries no gradient"):
+        _checkpointed_run(tmp_path, use_reentrant=True)

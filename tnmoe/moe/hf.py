@@ -23,12 +23,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..networks import accumulate_reconstruction
 from .gradient_mask import GradientMask
-from .layer import auxiliary_loss
+from .layer import auxiliary_loss, moe_layers
 
 __all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "MASK_STATE_NAME"]
 
@@ -129,7 +130,10 @@ class MoETrainerMixin:
     amortize_reconstruction: bool = True
 
     def training_step(self, model, inputs, *args, **kwargs):
-        if not self.amortize_reconstruction or self.args.gradient_accumulation_steps <= 1:
+        checkpointing = _first_attr(self.args, "activation_checkpointing", "gradient_checkpointing") or \
+            _first_attr(self.accelerator.unwrap_model(model), "is_activation_checkpointing", "is_gradient_checkpointing")
+        if not self.amortize_reconstruction or self.args.gradient_accumulation_steps <= 1 or checkpointing:
+            # (activation checkpointing re-runs MPO layers in backward: rebuild per micro-batch)
             return super().training_step(model, inputs, *args, **kwargs)
         with accumulate_reconstruction(model, last=bool(self.accelerator.sync_gradients)):
             return super().training_step(model, inputs, *args, **kwargs)
@@ -161,8 +165,34 @@ class MoETrainerMixin:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if model.training:
             aux = auxiliary_loss(model).to(loss.device)
+            if loss.requires_grad and not aux.requires_grad:
+                _check_aux_loss_trains(model)
             loss = loss + self.auxiliary_loss_scale(num_items_in_batch) * aux
         return (loss, outputs) if return_outputs else loss
+
+
+def _first_attr(obj, *names):
+    """The first of ``names`` that ``obj`` has (transformers renamed gradient -> activation
+    checkpointing; the new name first, so the deprecated one is not touched), else ``False``."""
+    for name in names:
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    return False
+
+
+def _check_aux_loss_trains(model: nn.Module) -> None:
+    """Raise when learned routers with a non-zero auxiliary loss coefficient produced an
+    auxiliary loss without autograd: their forward ran under ``no_grad`` (reentrant activation
+    checkpointing), so the load-balancing loss would be logged but never train the routers."""
+    for name, layer in moe_layers(model):
+        learned = any(p.requires_grad for p in layer.router.parameters())
+        if learned and (layer.load_balancing_coef or layer.z_loss_coef):
+            raise RuntimeError(
+                f"{name}: the MoE auxiliary loss carries no gradient (the layer ran without autograd, e.g. "
+                "under reentrant activation checkpointing), so it would never train the routers. Use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default), or set "
+                "load_balancing_coef and z_loss_coef to 0 if no auxiliary loss is wanted"
+            )
 
 
 class MoETrainer(MoETrainerMixin, Trainer):
