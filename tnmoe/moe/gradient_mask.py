@@ -88,7 +88,9 @@ class GradientMask:
     before the step's first forward: the decision is then drawn up front and, on a masked step,
     the masked tensors get no gradient at all (``requires_grad`` off for the step), so the
     backward skips their contractions; parameters end bit-identical to drawing in
-    :meth:`apply`. (Under DDP this needs ``find_unused_parameters=True``, the HF Trainer's
+    :meth:`apply`, unless gradients are clipped by norm: then :meth:`begin_step` leaves the
+    masked tensors out of the clipping norm, while :meth:`apply` (after clipping) counts them
+    before discarding them, so the kept gradients are scaled slightly differently. (Under DDP this needs ``find_unused_parameters=True``, the HF Trainer's
     default without gradient checkpointing.) ``masked_steps`` / ``steps`` count
     what happened; :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator
     and counters for exact resumption (see the module docstring).
