@@ -488,3 +488,21 @@ def test_bert_chunked_feed_forward_is_routed_in_one_call():
     assert calls == [24, 24]  # each layer routes all 2 x 12 tokens in one call: aux loss and stats cover them
     assert all(layer.last_stats.num_tokens == 24 for _, layer in moe.moe_layers(model))
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)  # upcycled dense experts: lossless
+
+
+def test_deepcopy_of_a_hash_routed_model_routes_its_own_layers():
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(), moe.MoEConfig(num_experts=2, m=3, router="hash", capacity_factor=None),
+                        progress=False).eval()
+    copied = copy.deepcopy(model)  # e.g. an EMA copy
+    batch = inputs_for(model)
+    picks = []
+    hooks = [layer.router.register_forward_hook(lambda mod, a, out: picks.append(out.expert_index.clone()))
+             for _, layer in moe.moe_layers(copied)]
+    with torch.no_grad():
+        got, want = copied(**batch).logits, model(**batch).logits
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    table = moe.moe_layers(model)[0][1].router.table
+    assert torch.equal(picks[0].flatten(), table[batch["input_ids"].flatten()].flatten())  # routed by the ids

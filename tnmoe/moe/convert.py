@@ -214,30 +214,32 @@ def _wire_token_ids(model: nn.Module) -> None:
     """For hash routing: the deepest ancestor of each MoE layer whose forward takes ``input_ids``
     passes them to the layers below it through a forward pre-hook."""
     modules = dict(model.named_modules())
-    owners: dict[str, list[MoELayer]] = {}
+    owners: dict[str, list[str]] = {}  # ancestor -> its MoE layers' names relative to it
     for name, layer in moe_layers(model):
         parts = name.split(".")
         for cut in range(len(parts) - 1, -1, -1):
             anc = ".".join(parts[:cut])
             if _accepts_input_ids(modules[anc]):
-                owners.setdefault(anc, []).append(layer)
+                owners.setdefault(anc, []).append(".".join(parts[cut:]))
                 break
         else:
             raise ValueError(f"hash routing: no ancestor of {name!r} takes input_ids")
-    for anc, layers in owners.items():
+    for anc, names in owners.items():
         module = modules[anc]
         sig = inspect.signature(module.forward)
+        # the hooks find the layers from the hooked module at call time, so a deepcopy of the
+        # model (an EMA copy, say) routes its own layers, not the original's
 
-        def set_ids(mod, args, kwargs, layers=layers, sig=sig):
+        def set_ids(mod, args, kwargs, names=names, sig=sig):
             ids = sig.bind_partial(*args, **kwargs).arguments.get("input_ids")
-            for layer in layers:
-                layer.token_ids = ids
+            for name in names:
+                mod.get_submodule(name).token_ids = ids
             return None
 
-        def clear_ids(mod, args, output, layers=layers):
+        def clear_ids(mod, args, output, names=names):
             # ids belong to this call only: a later direct call must never route by them
-            for layer in layers:
-                layer.token_ids = None
+            for name in names:
+                mod.get_submodule(name).token_ids = None
 
         module.register_forward_pre_hook(set_ids, with_kwargs=True)
         module.register_forward_hook(clear_ids, always_call=True)
