@@ -506,3 +506,10 @@ def test_deepcopy_of_a_hash_routed_model_routes_its_own_layers():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     table = moe.moe_layers(model)[0][1].router.table
     assert torch.equal(picks[0].flatten(), table[batch["input_ids"].flatten()].flatten())  # routed by the ids
+
+
+def test_convert_warns_when_the_ffn_output_matrix_has_a_higher_precision(tmp_path):
+    tiny_t5(gated=True).save_pretrained(tmp_path)
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16)  # keeps `wo` float32
+    with pytest.warns(UserWarning, match="output matrix is torch.float32 and its input matrix torch.float16"):
+        moe.convert(model, moe.MoEConfig(num_experts=2, expert_type="dense"), progress=False)

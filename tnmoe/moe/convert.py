@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
     E = config.num_experts
     d_model = spec.d_model
     dtype, device = spec.up.dtype, spec.up.device
+    if spec.down.dtype != dtype:  # e.g. T5 loaded in float16 keeps `wo` in float32 against overflow
+        warnings.warn(f"the FFN's output matrix is {spec.down.dtype} and its input matrix {dtype}; the experts "
+                      f"are built in {dtype}, losing the model's higher-precision output projection (convert a "
+                      "float32 or bfloat16 model, then cast it, to keep every expert matrix alike)")
     meta = spec.up.is_meta
     load = init == "pretrained" and not meta
 
