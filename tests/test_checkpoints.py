@@ -19,7 +19,7 @@ from torch import nn
 import tnmoe.moe as moe
 import tnmoe.moe.persistence as persistence
 from tiny_ffn import TinyFFN, tiny_ffn_registered
-from tiny_models import inputs_for, tiny_bert, tiny_gpt2, tiny_t5
+from tiny_models import inputs_for, recorded_routing, tiny_bert, tiny_gpt2, tiny_t5
 from tnmoe.moe import MoEConfig
 
 transformers = pytest.importorskip("transformers")
@@ -356,13 +356,8 @@ def test_half_precision_checkpoint_reloads_with_float32_routers_and_the_same_rou
     batch = inputs_for(model, batch=8, seq=32)
 
     def routed(m):
-        picks = []
-        hooks = [layer.router.register_forward_hook(lambda mod, a, out: picks.append(out.expert_index.clone()))
-                 for _, layer in moe.moe_layers(m)]
-        with torch.no_grad():
+        with recorded_routing(m) as picks, torch.no_grad():
             logits = m(**batch).logits
-        for h in hooks:
-            h.remove()
         return logits, picks
 
     want_logits, want_picks = routed(model)

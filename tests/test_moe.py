@@ -18,7 +18,7 @@ from tnmoe.moe import (
     count_parameters,
 )
 from tiny_ffn import TinyFFN, tiny_ffn_registered
-from tiny_models import inputs_for, tiny_bert, tiny_gpt2, tiny_t5
+from tiny_models import inputs_for, recorded_routing, tiny_bert, tiny_gpt2, tiny_t5
 
 T5_BASE = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
                num_decoder_layers=12, num_heads=12, tie_word_embeddings=True)
@@ -479,13 +479,9 @@ def test_bert_chunked_feed_forward_is_routed_in_one_call():
     with pytest.warns(UserWarning, match="chunk_size_feed_forward=4 set to 0"):
         moe.convert(model, moe.MoEConfig(num_experts=4, router="topk", top_k=2, capacity_factor=None,
                                          expert_type="dense"), progress=False)
-    calls = []
-    hooks = [layer.router.register_forward_hook(lambda mod, a, out: calls.append(out.expert_index.shape[0]))
-             for _, layer in moe.moe_layers(model)]
-    logits = model(**batch).logits
-    for h in hooks:
-        h.remove()
-    assert calls == [24, 24]  # each layer routes all 2 x 12 tokens in one call: aux loss and stats cover them
+    with recorded_routing(model) as picks:
+        logits = model(**batch).logits
+    assert [p.shape[0] for p in picks] == [24, 24]  # each layer routes all 2 x 12 tokens in one call: aux loss and stats cover them
     assert all(layer.last_stats.num_tokens == 24 for _, layer in moe.moe_layers(model))
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)  # upcycled dense experts: lossless
 
@@ -496,13 +492,8 @@ def test_deepcopy_of_a_hash_routed_model_routes_its_own_layers():
                         progress=False).eval()
     copied = copy.deepcopy(model)  # e.g. an EMA copy
     batch = inputs_for(model)
-    picks = []
-    hooks = [layer.router.register_forward_hook(lambda mod, a, out: picks.append(out.expert_index.clone()))
-             for _, layer in moe.moe_layers(copied)]
-    with torch.no_grad():
+    with recorded_routing(copied) as picks, torch.no_grad():
         got, want = copied(**batch).logits, model(**batch).logits
-    for h in hooks:
-        h.remove()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     table = moe.moe_layers(model)[0][1].router.table
     assert torch.equal(picks[0].flatten(), table[batch["input_ids"].flatten()].flatten())  # routed by the ids

@@ -1,4 +1,6 @@
-"""Tiny transformers models built from configs (no hub access)."""
+"""Tiny transformers models built from configs (no hub access), and a routing recorder."""
+
+import contextlib
 
 import torch
 from transformers import (
@@ -37,3 +39,19 @@ def inputs_for(model, batch=2, seq=7, seed=0):
     if model.config.model_type == "t5":
         return {"input_ids": ids, "decoder_input_ids": torch.randint(2, VOCAB, (batch, 5), generator=g)}
     return {"input_ids": ids}
+
+
+@contextlib.contextmanager
+def recorded_routing(model):
+    """Inside: every router call of ``model``'s MoE layers appends its ``expert_index`` (a copy)
+    to the yielded list, in call order."""
+    from tnmoe.moe import moe_layers
+
+    picks = []
+    hooks = [layer.router.register_forward_hook(lambda mod, args, out: picks.append(out.expert_index.clone()))
+             for _, layer in moe_layers(model)]
+    try:
+        yield picks
+    finally:
+        for hook in hooks:
+            hook.remove()
