@@ -90,8 +90,9 @@ class GradientMask:
     backward skips their contractions; parameters end bit-identical to drawing in
     :meth:`apply`, unless gradients are clipped by norm: then :meth:`begin_step` leaves the
     masked tensors out of the clipping norm, while :meth:`apply` (after clipping) counts them
-    before discarding them, so the kept gradients are scaled slightly differently. (Under DDP this needs ``find_unused_parameters=True``, the HF Trainer's
-    default without gradient checkpointing.) ``masked_steps`` / ``steps`` count
+    before discarding them, so the kept gradients are scaled slightly differently. (Under DDP
+    this needs ``find_unused_parameters=True``, the HF Trainer's default without gradient
+    checkpointing.) ``masked_steps`` / ``steps`` count
     what happened; :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator
     and counters for exact resumption (see the module docstring).
     """

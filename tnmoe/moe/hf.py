@@ -130,13 +130,19 @@ class MoETrainerMixin:
     amortize_reconstruction: bool = True
 
     def training_step(self, model, inputs, *args, **kwargs):
-        checkpointing = _first_attr(self.args, "activation_checkpointing", "gradient_checkpointing") or \
-            _first_attr(self.accelerator.unwrap_model(model), "is_activation_checkpointing", "is_gradient_checkpointing")
-        if not self.amortize_reconstruction or self.args.gradient_accumulation_steps <= 1 or checkpointing:
-            # (activation checkpointing re-runs MPO layers in backward: rebuild per micro-batch)
+        if not self.amortize_reconstruction or self.args.gradient_accumulation_steps <= 1 \
+                or self._activation_checkpointing(model):
             return super().training_step(model, inputs, *args, **kwargs)
         with accumulate_reconstruction(model, last=bool(self.accelerator.sync_gradients)):
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def _activation_checkpointing(self, model) -> bool:
+        """Whether activation checkpointing is on (it re-runs MPO layers in the backward, so
+        reconstruction is not amortized): transformers renamed gradient -> activation
+        checkpointing; the new name is read first, so the deprecated one is not touched."""
+        return bool(_first_attr(self.args, "activation_checkpointing", "gradient_checkpointing")
+                    or _first_attr(self.accelerator.unwrap_model(model), "is_activation_checkpointing",
+                                   "is_gradient_checkpointing"))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         path = resume_from_checkpoint
@@ -172,8 +178,7 @@ class MoETrainerMixin:
 
 
 def _first_attr(obj, *names):
-    """The first of ``names`` that ``obj`` has (transformers renamed gradient -> activation
-    checkpointing; the new name first, so the deprecated one is not touched), else ``False``."""
+    """The value of the first of ``names`` that ``obj`` has, else ``False``."""
     for name in names:
         if hasattr(obj, name):
             return getattr(obj, name)
