@@ -179,9 +179,9 @@ class MPO:
         c = _resolve_center(center, m)
         if c is not None and c != m - 1:
             cores3 = move_center(cores3, c)
-        keep = W.is_floating_point() or W.is_complex()  # an integer W gets float32 cores
+        # back to W's dtype, as TensorTrain.from_tensor does (complex W: already; integer W: float32)
         cores = [
-            g.reshape(g.shape[0], o, i, g.shape[-1]).to(W.dtype if keep else g.dtype)
+            g.reshape(g.shape[0], o, i, g.shape[-1]).to(W.dtype if W.is_floating_point() else g.dtype)
             for g, o, i in zip(cores3, out_factors, in_factors)
         ]
         return cls(cores, info, center=m - 1 if c is None else c)
