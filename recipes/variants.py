@@ -43,7 +43,8 @@ class VariantOptions:
     variants that keep the mask. lb_coef: load-balancing loss weight. capacity_factor: expert
     capacity ``ceil(tokens * k * cf / E)``. init_noise: relative std of the noise added to each
     expert's own tensors. target_modules: FFN names to convert (``None``: every FFN with an
-    adapter).
+    adapter). ignore_padding: padding tokens are not routed (see :class:`tnmoe.moe.MoEConfig`);
+    off in the published runs.
     """
 
     num_experts: int | None = None
@@ -55,6 +56,7 @@ class VariantOptions:
     capacity_factor: float | None = 1.25
     init_noise: float = 0.0
     target_modules: tuple[str, ...] | None = None
+    ignore_padding: bool = False
 
 
 _DEFAULTS = VariantOptions()
@@ -70,7 +72,7 @@ def variant_config(variant: str, options: VariantOptions = _DEFAULTS) -> tuple[m
     o = options
     shared = dict(num_experts=o.num_experts or (16 if variant == "mpoe++" else 8),
                   load_balancing_coef=o.lb_coef, capacity_factor=o.capacity_factor,
-                  init_noise=o.init_noise,
+                  init_noise=o.init_noise, ignore_padding=o.ignore_padding,
                   target_modules=list(o.target_modules) if o.target_modules else None)
     try:
         if variant == "moe":
@@ -113,6 +115,8 @@ def add_moe_args(ap: argparse.ArgumentParser) -> None:
                    help="training expert capacity factor; 'none' keeps every token (no dropping)")
     g.add_argument("--init-noise", type=float, default=_DEFAULTS.init_noise)
     g.add_argument("--target-modules", default=None, help="comma-separated module names (peft style)")
+    g.add_argument("--ignore-padding", action="store_true",
+                   help="padding tokens take no expert capacity and do not count in the load-balancing loss")
 
 
 def parse_variants(text: str) -> list[str]:

@@ -60,6 +60,11 @@ class MoEConfig:
         capacity_factor / drop_tokens: training capacity ``ceil(T*k*cf/E)``; ``None`` or
             ``drop_tokens=False`` keeps every token. eval_capacity_factor: the same in eval mode
             (``None``: no dropping at inference).
+        ignore_padding: padding tokens (``attention_mask == 0`` in the model call) are not routed:
+            they take no expert capacity, do not count in the load-balancing / z losses and
+            routing stats, and their FFN output is zero (attention never reads them). Default
+            ``False``: every position is routed, as in HF Switch Transformers (and this
+            project's published results). Needs a 2-D padding mask.
         jitter_noise: Switch input jitter while training (``switch`` only).
         noisy_gating: Shazeer noisy top-k (``topk`` only).
         router_bias: add a bias to the router logits (learned routers; default ``True``).
@@ -91,6 +96,7 @@ class MoEConfig:
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = None
     drop_tokens: bool = True
+    ignore_padding: bool = False
     jitter_noise: float = 0.0
     noisy_gating: bool = False
     router_bias: bool | None = None
@@ -139,6 +145,7 @@ class MoEConfig:
             raise ValueError(f"share must be one of {SHARE_NAMES} or a list of core indices, got {self.share!r}")
         check_capacity(self.capacity_factor, self.eval_capacity_factor)
         _bool("drop_tokens", self.drop_tokens)
+        _bool("ignore_padding", self.ignore_padding)
         _bool("noisy_gating", self.noisy_gating)
         _bool("router_bias", self.router_bias)
         _number("jitter_noise", self.jitter_noise, 0.0, 1.0)

@@ -18,6 +18,7 @@ from .config import MoEConfig
 from .hf_config import mark_hf_config
 from .banks import DenseExpertBank, MPOExpertBank
 from .experts import ExpertFFN
+from .context import RoutingContext
 from .layer import MoELayer, moe_layers
 from .routers import HashRouter, SwitchRouter, TopKRouter
 
@@ -170,6 +171,10 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
             "original model, or load a converted checkpoint with tnmoe.moe.from_pretrained"
         )
     targets = find_target_modules(model, config.target_modules)
+    if _context_inputs(config):  # fail before anything is installed
+        modules = dict(model.named_modules())
+        for name, _ in targets:
+            _context_owner(modules, name, _context_inputs(config))
     gen = torch.Generator().manual_seed(config.seed)
     built = []
     for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
@@ -189,8 +194,8 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
         adapter.install(parent, child, module, layer)
     names = [name for name, *_ in built]
     mark_hf_config(model, config, names)
-    if config.router == "hash":
-        _wire_token_ids(model)
+    if _context_inputs(config):
+        _wire_routing_context(model, config)
     return model
 
 
@@ -208,46 +213,72 @@ def converted_modules(model: nn.Module) -> list[str]:
     return [layer.converted_from for _, layer in moe_layers(model) if layer.converted_from is not None]
 
 
-def _accepts_input_ids(module: nn.Module) -> bool:
+def _accepts(module: nn.Module, *names: str) -> bool:
     try:
-        return "input_ids" in inspect.signature(module.forward).parameters
+        params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+    return all(name in params for name in names)
 
 
-def _wire_token_ids(model: nn.Module) -> None:
-    """For hash routing: the deepest ancestor of each MoE layer whose forward takes ``input_ids``
-    passes them to the layers below it through a forward pre-hook."""
+def _context_inputs(config: MoEConfig) -> tuple[str, ...]:
+    """The model inputs the MoE layers need per call: ``input_ids`` (hash routing), and
+    ``attention_mask`` (``ignore_padding``; found on the module that takes ``input_ids``)."""
+    if config.router != "hash" and not config.ignore_padding:
+        return ()
+    return ("input_ids",) + (("attention_mask",) if config.ignore_padding else ())
+
+
+def _context_owner(modules: dict[str, nn.Module], name: str, wanted: tuple[str, ...]) -> str:
+    """The deepest strict ancestor of module ``name`` whose forward takes every ``wanted`` input."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        anc = ".".join(parts[:cut])
+        if _accepts(modules[anc], *wanted):
+            return anc
+    raise ValueError(
+        f"no ancestor of {name!r} has a forward taking {' and '.join(wanted)} (needed for "
+        "router='hash' / ignore_padding=True); call the MoE layers with token_ids= / token_mask= yourself"
+    )
+
+
+def _wire_routing_context(model: nn.Module, config: MoEConfig) -> None:
+    """Give each MoE layer its model call's ``input_ids`` (hash routing) and/or ``attention_mask``
+    (``ignore_padding``): the deepest ancestor of the layer whose forward takes them sets a
+    :class:`~tnmoe.moe.context.RoutingContext` on the layers below it for the duration of its call."""
+    wanted = _context_inputs(config)
+    token_ids, padding = config.router == "hash", config.ignore_padding
     modules = dict(model.named_modules())
     owners: dict[str, list[str]] = {}  # ancestor -> its MoE layers' names relative to it
-    for name, layer in moe_layers(model):
-        parts = name.split(".")
-        for cut in range(len(parts) - 1, -1, -1):
-            anc = ".".join(parts[:cut])
-            if _accepts_input_ids(modules[anc]):
-                owners.setdefault(anc, []).append(".".join(parts[cut:]))
-                break
-        else:
-            raise ValueError(f"hash routing: no ancestor of {name!r} takes input_ids")
+    for name, _ in moe_layers(model):
+        anc = _context_owner(modules, name, wanted)
+        owners.setdefault(anc, []).append(name[len(anc) + 1:] if anc else name)
     for anc, names in owners.items():
-        module = modules[anc]
-        sig = inspect.signature(module.forward)
-        # the hooks find the layers from the hooked module at call time, so a deepcopy of the
-        # model (an EMA copy, say) routes its own layers, not the original's
+        hooks = _ContextHooks(names, token_ids, padding)
+        modules[anc].register_forward_pre_hook(hooks.set_context, with_kwargs=True)
+        modules[anc].register_forward_hook(hooks.clear_context, always_call=True)
 
-        def set_ids(mod, args, kwargs, names=names, sig=sig):
-            ids = sig.bind_partial(*args, **kwargs).arguments.get("input_ids")
-            for name in names:
-                mod.get_submodule(name).token_ids = ids
-            return None
 
-        def clear_ids(mod, args, output, names=names):
-            # ids belong to this call only: a later direct call must never route by them
-            for name in names:
-                mod.get_submodule(name).token_ids = None
+class _ContextHooks:
+    """The owner's forward hooks. They find the layers from the hooked module at call time, so a
+    deepcopy of the model (an EMA copy, say) routes its own layers, not the original's; a plain
+    class, so models with these hooks pickle (``torch.save(model)``)."""
 
-        module.register_forward_pre_hook(set_ids, with_kwargs=True)
-        module.register_forward_hook(clear_ids, always_call=True)
+    def __init__(self, names: list[str], token_ids: bool, padding: bool) -> None:
+        self.names, self.token_ids, self.padding = names, token_ids, padding
+
+    def set_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        context = RoutingContext(bound.get("input_ids") if self.token_ids else None,
+                                 bound.get("attention_mask") if self.padding else None)
+        for name in self.names:
+            module.get_submodule(name).routing_context.set(context)
+
+    def clear_context(self, module: nn.Module, args: tuple, output) -> None:
+        # the context belongs to this call (and its recomputation in the backward pass) only:
+        # a later direct call of a layer must never route by it
+        for name in self.names:
+            module.get_submodule(name).routing_context.clear()
 
 
 @dataclass

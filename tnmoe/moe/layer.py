@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..networks import check_input_dtype
+from .context import ContextSlot, padding_mask
 from .dispatch import combine, plan_dispatch
 from .experts import ExpertFFN
 from .losses import load_balancing_loss, router_z_loss
@@ -63,7 +64,8 @@ class MoELayer(nn.Module):
         self.output_dropout = nn.Dropout(output_dropout)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_stats: RoutingStats | None = None
-        self.token_ids: torch.Tensor | None = None  # set per batch for hash routing
+        #: per-call token ids / padding mask, set by the hooks :func:`tnmoe.moe.convert` installs
+        self.routing_context = ContextSlot()
         #: set by :func:`tnmoe.moe.convert`: the config it used and the name of the FFN replaced
         self.moe_config = None
         self.converted_from: str | None = None
@@ -72,20 +74,55 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.experts.num_experts
 
-    def forward(self, hidden_states: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_ids: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states`` ``(..., d_model)`` -> ``(..., d_model)``.
+
+        token_ids: ``hidden_states.shape[:-1]`` ids for hash routing. token_mask: same shape,
+        nonzero for the tokens to route; the others (padding) take no expert capacity, do not count
+        in the auxiliary losses or :attr:`last_stats`, and get a zero output. When called inside a
+        model converted by :func:`tnmoe.moe.convert`, both default to that model call's
+        ``input_ids`` (hash routing) and ``attention_mask`` (``ignore_padding=True``).
+        """
         shape = hidden_states.shape
         d = self.experts.d_model
         if shape[-1] != d:
             raise ValueError(f"MoELayer expected hidden size {d}, got shape {tuple(shape)}")
         check_input_dtype(hidden_states, next(self.experts.parameters()).dtype, "MoELayer")
+        context = self.routing_context.resolve()
+        if context is not None:
+            if token_ids is None:
+                token_ids = context.token_ids
+            if token_mask is None and context.attention_mask is not None:
+                token_mask = padding_mask(context.attention_mask, shape[:-1])
         x = hidden_states.reshape(-1, d)
-        if token_ids is None:
-            token_ids = self.token_ids
+        num_tokens, kept = x.shape[0], None
+        if token_mask is not None:
+            if token_mask.shape != shape[:-1]:
+                raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}; expected "
+                                 f"{tuple(shape[:-1])} (the hidden states' shape without d_model)")
+            kept = token_mask.reshape(-1).to(x.device).nonzero().squeeze(1)  # host sync
+            if kept.numel() == x.shape[0]:
+                kept = None  # no padding in this batch
+            else:
+                x = x.index_select(0, kept)
+                if token_ids is not None:
+                    token_ids = token_ids.reshape(-1).to(kept.device).index_select(0, kept)
+        out = self._route_tokens(x, token_ids)
+        if kept is not None:
+            out = out.new_zeros(num_tokens, d).index_copy(0, kept, out)
+        out = self.output_dropout(out.to(hidden_states.dtype)).reshape(shape)
+        if context is not None and context is self.routing_context.current:
+            self.routing_context.remember(context, out)
+        return out
+
+    def _route_tokens(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        """Route ``x`` ``(T, d_model)``; sets :attr:`last_aux_loss` / :attr:`last_stats`."""
         if x.shape[0] == 0:  # an empty batch: nothing to route
             self.last_aux_loss = x.new_zeros((), dtype=torch.float32)
             zeros = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
             self.last_stats = RoutingStats(zeros, zeros.clone(), 0)
-            return hidden_states.new_zeros(shape)
+            return x.new_zeros(x.shape)
         route = self.router(x, token_ids=token_ids)
         plan = plan_dispatch(route.expert_index, self.num_experts, self.router.capacity(x.shape[0]))
         y = self.experts(x.index_select(0, plan.token_index), plan.counts)
@@ -99,7 +136,7 @@ class MoELayer(nn.Module):
                 aux = aux + self.z_loss_coef * router_z_loss(route.router_logits)
         self.last_aux_loss = aux
         self.last_stats = RoutingStats(plan.routed_counts.detach(), plan.counts.detach(), x.shape[0])
-        return self.output_dropout(out.to(hidden_states.dtype)).reshape(shape)
+        return out
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
