@@ -252,3 +252,18 @@ def test_forward_backward_pairs_with_outputs_kept_alive_recompute_their_own_mask
         model.mlp(h, token_mask=mask).tanh().sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+# --- nn.DataParallel replicas ------------------------------------------------------------------
+def test_data_parallel_replica_refuses_to_train_without_its_aux_loss_and_has_its_own_context():
+    layer = _switch_layer()
+    replica = layer._replicate_for_data_parallel()  # what nn.DataParallel does on each GPU
+    assert replica.routing_context is not layer.routing_context  # replicas run in parallel threads
+    x, mask = _padded()
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        replica.train()(x, token_mask=mask)
+    with torch.no_grad():
+        replica.train()(x)  # no graph, no loss: fine
+    torch.testing.assert_close(replica.eval()(x, token_mask=mask), layer.eval()(x, token_mask=mask), rtol=0, atol=0)
+    layer.load_balancing_coef = layer.z_loss_coef = 0.0
+    layer._replicate_for_data_parallel().train()(x)  # nothing would be lost

@@ -251,3 +251,44 @@ def test_trainer_with_activation_checkpointing_and_accumulation_matches_without_
 def test_trainer_refuses_an_aux_loss_without_gradient_under_reentrant_checkpointing(tmp_path):
     with pytest.raises(RuntimeError, match="auxiliary loss carries no gradient"):
         _checkpointed_run(tmp_path, use_reentrant=True)
+
+
+class RaiseBeforeStep(TrainerCallback):
+    """Raises inside optimizer step ``step``, after its backward and before the mask is applied."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise KeyboardInterrupt("interrupted inside a masked step")
+        return control
+
+
+def test_interrupted_masked_step_gives_the_shared_tensors_back(tmp_path):
+    """p_b = 1: every step is masked, so at the interrupt the shared tensors have requires_grad
+    off; they must be trainable again afterwards (else every later run silently skips them)."""
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    mask = GradientMask(model, p_b=1.0, seed=0)
+    trainer = moe.MoETrainer(model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=Tokens(),
+                             callbacks=[RaiseBeforeStep(2), moe.GradientMaskCallback(mask)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert mask.steps == 1 and mask.params and all(p.requires_grad for p in mask.params)
+    # a new run with a new mask (p_b = 0) updates them
+    before = [p.detach().clone() for p in mask.params]
+    again = GradientMask(model, p_b=0.0)
+    moe.MoETrainer(model=model, args=_args(tmp_path, save_strategy="no", max_steps=1), train_dataset=Tokens(),
+                   callbacks=[moe.GradientMaskCallback(again)]).train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, again.params))
+
+
+def test_release_cancels_a_drawn_decision():
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    mask = GradientMask(model, p_b=1.0)
+    assert mask.begin_step() and not any(p.requires_grad for p in mask.params)
+    mask.release()
+    assert all(p.requires_grad for p in mask.params) and mask.steps == 0
+    assert mask.begin_step()  # a new decision is drawn, and applies as usual
+    assert mask.apply() and mask.steps == 1 and all(p.requires_grad for p in mask.params)

@@ -92,7 +92,9 @@ class GradientMask:
     masked tensors out of the clipping norm, while :meth:`apply` (after clipping) counts them
     before discarding them, so the kept gradients are scaled slightly differently. (Under DDP
     this needs ``find_unused_parameters=True``, the HF Trainer's default without gradient
-    checkpointing.) ``masked_steps`` / ``steps`` count
+    checkpointing.) A step that never reaches :meth:`apply` (an exception) leaves them off until
+    :meth:`release` (:class:`~tnmoe.moe.MoETrainer` calls it however training ends).
+    ``masked_steps`` / ``steps`` count
     what happened; :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator
     and counters for exact resumption (see the module docstring).
     """
@@ -189,6 +191,14 @@ class GradientMask:
             for p in params:
                 p.grad = None
         return masked
+
+    def release(self) -> None:
+        """Cancel a decision :meth:`begin_step` drew and no :meth:`apply` took (a step that never
+        finished: an exception, an interrupt): ``requires_grad`` comes back on the tensors it
+        switched off. The counters do not change; the next step draws a new decision."""
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._pending, self._frozen = None, []
 
     def state_dict(self) -> dict:
         """``{"p_b", "seed", "steps", "masked_steps", "rng"}`` (``rng``: the generator's ``uint8``

@@ -89,6 +89,10 @@ class GradientMaskCallback(TrainerCallback):
         self.mask.apply()
         return control
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.mask.release()  # a step begun but never applied (e.g. stopped by a callback) is undone
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
             return control
@@ -151,7 +155,15 @@ class MoETrainerMixin:
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, GradientMaskCallback):
                 callback.resume_from = path
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            # an exception (KeyboardInterrupt, OOM) inside a masked step would otherwise leave the
+            # shared tensors with requires_grad off: every later training run (a notebook rerun,
+            # a new mask) would silently never update them
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, GradientMaskCallback):
+                    callback.mask.release()
 
     def auxiliary_loss_scale(self, num_items_in_batch=None) -> float:
         """Factor of the auxiliary loss in this micro-batch's loss: ``1 / accumulation steps``

@@ -89,6 +89,14 @@ class MoELayer(nn.Module):
         if shape[-1] != d:
             raise ValueError(f"MoELayer expected hidden size {d}, got shape {tuple(shape)}")
         check_input_dtype(hidden_states, next(self.experts.parameters()).dtype, "MoELayer")
+        if getattr(self, "_is_replica", False) and self.training and torch.is_grad_enabled() \
+                and (self.load_balancing_coef or self.z_loss_coef) and not self.router.uses_token_ids:
+            raise RuntimeError(
+                "nn.DataParallel (also what transformers' Trainer uses on several GPUs without a distributed "
+                "launch) runs this MoE layer on replicas and discards their auxiliary losses, so the routers "
+                "would train without load balancing. Use DistributedDataParallel (torchrun / accelerate launch) "
+                "or one GPU (CUDA_VISIBLE_DEVICES=0), or set load_balancing_coef and z_loss_coef to 0."
+            )
         context = self.routing_context.resolve()
         if context is not None:
             if token_ids is None:
@@ -115,6 +123,12 @@ class MoELayer(nn.Module):
         if context is not None and context is self.routing_context.current:
             self.routing_context.remember(context, out)
         return out
+
+    def _replicate_for_data_parallel(self) -> "MoELayer":
+        # nn.DataParallel replicas run concurrently: each needs its own routing context
+        replica = super()._replicate_for_data_parallel()
+        replica.routing_context = ContextSlot()
+        return replica
 
     def _route_tokens(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """Route ``x`` ``(T, d_model)``; sets :attr:`last_aux_loss` / :attr:`last_stats`."""
