@@ -269,6 +269,9 @@ def test_variant_configs():
     cfg, _ = variants.moe_config_for(parse(base + ["--variant", "mpoe", "--factors", "32=4,8;64=8,8",
                                                    "--target-modules", "a,b.c"]))
     assert (cfg.factors, cfg.target_modules) == ({32: [4, 8], 64: [8, 8]}, ["a", "b.c"])
+    assert not cfg.ignore_padding  # the published runs route padding
+    cfg, _ = variants.moe_config_for(parse(base + ["--variant", "switch", "--ignore-padding"]))
+    assert cfg.ignore_padding
 
 
 def test_paper_factors_are_factorizations():

@@ -2,6 +2,7 @@
 ids / padding masks that survive activation checkpointing's recomputation in the backward pass."""
 
 import copy
+import threading
 import pickle
 
 import pytest
@@ -267,3 +268,108 @@ def test_data_parallel_replica_refuses_to_train_without_its_aux_loss_and_has_its
     torch.testing.assert_close(replica.eval()(x, token_mask=mask), layer.eval()(x, token_mask=mask), rtol=0, atol=0)
     layer.load_balancing_coef = layer.z_loss_coef = 0.0
     layer._replicate_for_data_parallel().train()(x)  # nothing would be lost
+
+
+# --- which forward a recomputation belongs to (found by review) ------------------------------
+def _gpt2_padding_model(**config):
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=2, m=3, ignore_padding=True, capacity_factor=None, **config)
+    return moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), cfg, progress=False).train()
+
+
+def _two_batches():
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(2, VOCAB, (2, 6), generator=g) for _ in range(2)]
+    masks = [torch.tensor([[1, 1, 1, 1, 1, 0], [1] * 6]), torch.tensor([[1] * 6, [1, 1, 1, 1, 1, 0]])]
+    return ids, masks
+
+
+def _param_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_pre_ln_block_with_an_earlier_forward_kept_alive_recomputes_its_own_mask():
+    """GPT-2 adds the MoE output to the residual, so the output's gradient arrives before the
+    recomputation; an earlier forward whose graph is alive (never backwarded) must not be used."""
+    model = _gpt2_padding_model()
+    (ids_a, ids_b), (mask_a, mask_b) = _two_batches()
+    grads = {}
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing_enable() if ckpt else model.gradient_checkpointing_disable()
+        kept = model(input_ids=ids_a, attention_mask=mask_a)  # e.g. a logging forward
+        model(input_ids=ids_b, attention_mask=mask_b).logits.square().mean().backward()
+        grads[ckpt] = _param_grads(model)
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-6, atol=1e-8, msg=lambda m: f"{n}: {m}")
+    assert kept is not None
+
+
+def test_training_loop_that_keeps_its_losses_alive():
+    model = _gpt2_padding_model()
+    model.gradient_checkpointing_enable()
+    losses = []
+    for ids, mask in zip(*_two_batches()):
+        loss = model(input_ids=ids, attention_mask=mask).logits.square().mean()
+        loss.backward()
+        losses.append(loss)  # not .item(): the graph stays alive
+    assert len(losses) == 2
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("router", ["switch", "hash"])
+def test_two_forwards_on_different_inputs_then_one_backward(router, reentrant):
+    """Chosen/rejected or contrastive pairs: two model calls, one backward, each recomputation
+    routes with its own forward's mask / ids (reentrant: forwards ran without a graph)."""
+    torch.manual_seed(0)
+    cfg = (MoEConfig(num_experts=2, m=3, ignore_padding=True, capacity_factor=None) if router == "switch"
+           else MoEConfig(num_experts=4, router="hash", expert_type="dense", capacity_factor=None))
+    model = moe.convert(tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), cfg,
+                        progress=False).train()
+    with torch.no_grad():
+        for _, layer in moe.moe_layers(model):
+            for p in layer.experts.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # trained experts differ
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(2, VOCAB, (2, 7), generator=g) for _ in range(2)]
+    masks = [torch.tensor([[1] * 7, [1] * 4 + [0] * 3]), torch.tensor([[1] * 4 + [0] * 3, [1] * 7])]
+    grads = {}
+    for ckpt in (False, True):
+        model.zero_grad()
+        if ckpt:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        else:
+            model.gradient_checkpointing_disable()
+        loss = sum((model.bert(input_ids=i, attention_mask=m).last_hidden_state * m[..., None]).square().sum()
+                   for i, m in zip(ids, masks))
+        loss.backward()
+        grads[ckpt] = _param_grads(model)
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_threads_sharing_a_model_use_their_own_masks():
+    torch.manual_seed(0)
+    model = moe.convert(tiny_bert(), MoEConfig(num_experts=2, m=3, ignore_padding=True), progress=False).eval()
+    with torch.no_grad():
+        for _, layer in moe.moe_layers(model):
+            for p in layer.experts.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    ids = torch.randint(2, VOCAB, (4, 16))
+    masks = [torch.ones(4, 16, dtype=torch.long), (torch.arange(16) < 5).long().expand(4, 16).contiguous()]
+    with torch.no_grad():
+        expected = [model.bert(input_ids=ids, attention_mask=m).last_hidden_state for m in masks]
+    wrong = [0, 0]
+
+    def serve(k):
+        for _ in range(30):
+            with torch.no_grad():
+                out = model.bert(input_ids=ids, attention_mask=masks[k]).last_hidden_state
+            wrong[k] += not torch.equal(out, expected[k])
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]

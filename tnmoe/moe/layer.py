@@ -97,7 +97,7 @@ class MoELayer(nn.Module):
                 "would train without load balancing. Use DistributedDataParallel (torchrun / accelerate launch) "
                 "or one GPU (CUDA_VISIBLE_DEVICES=0), or set load_balancing_coef and z_loss_coef to 0."
             )
-        context = self.routing_context.resolve()
+        context = self.routing_context.resolve(hidden_states)
         if context is not None:
             if token_ids is None:
                 token_ids = context.token_ids
@@ -121,7 +121,7 @@ class MoELayer(nn.Module):
             out = out.new_zeros(num_tokens, d).index_copy(0, kept, out)
         out = self.output_dropout(out.to(hidden_states.dtype)).reshape(shape)
         if context is not None and context is self.routing_context.current:
-            self.routing_context.remember(context, out)
+            self.routing_context.record(context, hidden_states, out, self.training)
         return out
 
     def _replicate_for_data_parallel(self) -> "MoELayer":
