@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import random
@@ -27,6 +28,44 @@ import tnmoe.moe as moe
 
 class RecipeError(Exception):
     """A user error: printed as one line, exit status 2, nothing written."""
+
+
+#: recipe options that name local data (a file, or a folder of files)
+DATA_PATH_OPTIONS = ("--data-dir", "--train-file", "--validation-file", "--test-file")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def path_fingerprint(path: str | os.PathLike) -> dict[str, str] | None:
+    """SHA-256 of a data file (``{"": hash}``) or of every file in a data folder
+    (``{relative path: hash}``); ``None`` if ``path`` does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return {"": _sha256(path)}
+    if path.is_dir():
+        return {f.relative_to(path).as_posix(): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
+    return None
+
+
+def data_fingerprint(argv: list[str]) -> dict[str, dict[str, str]]:
+    """``{option: path_fingerprint}`` for the :data:`DATA_PATH_OPTIONS` in ``argv`` that name
+    existing paths: what a run read, so a study never reuses a run made on other data that
+    happens to have the same file name."""
+    out = {}
+    for i, token in enumerate(argv):
+        key, _, inline = token.partition("=")
+        if key in DATA_PATH_OPTIONS:
+            value = inline or (argv[i + 1] if i + 1 < len(argv) else None)
+            fingerprint = path_fingerprint(value) if value else None
+            if fingerprint is not None:
+                out[key] = fingerprint
+    return out
 
 
 def run_main(main: Callable[[], object], retain_cpu_memory: bool = True) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from run_io import RecipeError, write_rows
+from run_io import DATA_PATH_OPTIONS, RecipeError, data_fingerprint, write_rows
 
 
 @dataclass(frozen=True)
@@ -170,9 +170,9 @@ class RunClaim:
 #: recipe options that do not change what a run computes: where it writes its output, how much
 #: it prints, how many threads it uses (its timings, not its numbers)
 IGNORED_OPTIONS = ("--output-dir", "--quiet", "--threads", "--save-model")
-#: data locations: compared by file or folder name, so the same data elsewhere (another
-#: checkout's ``../shared/data``) reuses a run while a different file does not
-DATA_PATH_OPTIONS = ("--data-dir", "--train-file", "--validation-file", "--test-file")
+#: data locations (:data:`run_io.DATA_PATH_OPTIONS`) are compared by file or folder name, so the
+#: same data elsewhere (another checkout's ``../shared/data``) reuses a run, and by content where
+#: the run recorded it (``data_sha256``), so other data under the same name does not
 
 
 class StudyError(RecipeError):
@@ -217,7 +217,8 @@ def check_reusable(run: StudyRun, result: dict, path: Path, only_given: bool = F
     in :data:`IGNORED_OPTIONS` and the order of options do not count; a result without ``argv``
     (not written by a recipe) is not checked. This compares command lines: a run made before a
     recipe's default or code changed is still reused. ``only_given`` (summarizing finished runs,
-    ``--existing-only``): options ``run`` does not give are not compared."""
+    ``--existing-only``): options ``run`` does not give are not compared. Data options must also
+    name data of the same content (:func:`_check_same_data`)."""
     stored = result.get("argv")
     if stored is None:
         return
@@ -232,6 +233,26 @@ def check_reusable(run: StudyRun, result: dict, path: Path, only_given: bool = F
         raise StudyError(
             f"{path} was made with other options than run {run.name!r} asks for ({'; '.join(diff)}). "
             f"Delete {path.parent} to rerun it, or give this study another --output-dir")
+    _check_same_data(run, result, path)
+
+
+def _check_same_data(run: StudyRun, result: dict, path: Path) -> None:
+    """Every data file the run at ``path`` recorded (``data_sha256``) must have the same content
+    now. Runs without the record (made before it existed) are compared by name only; data not
+    present here cannot be checked (summarizing copied results)."""
+    stored = result.get("data_sha256")
+    if not stored:
+        return
+    for option, now in data_fingerprint(run.argv).items():
+        if option not in stored:
+            continue
+        changed = sorted(rel or "(the file)" for rel, digest in stored[option].items() if now.get(rel) != digest)
+        if changed:
+            shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+            raise StudyError(
+                f"{path} was made on other data than run {run.name!r} reads: {option} {shown}: content "
+                f"differs or is missing here. Delete {path.parent} to rerun it, or give this study another "
+                "--output-dir")
 
 
 def run_study(main: Callable[[list[str]], dict], runs: Sequence[StudyRun], runs_dir: Path,

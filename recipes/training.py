@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 import tnmoe.moe as moe
-from run_io import RecipeError, Timer, set_seed
+from run_io import RecipeError, Timer, data_fingerprint, set_seed
 from variants import parameter_summary
 
 
@@ -80,8 +80,10 @@ def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train: Tim
     ``seconds_per_step`` without the ``selection`` time spent on model selection inside training,
     and ``cpu_seconds_per_step``: process CPU time per step over all threads, which pauses and
     waiting for a core do not inflate, with the ``threads`` it ran on), the gradient mask's
-    summary, the MoE config (``None`` for dense), the command line and the parameter counts."""
+    summary, the MoE config (``None`` for dense), the command line, the SHA-256 of the data files
+    it names (``data_sha256``, :func:`run_io.data_fingerprint`) and the parameter counts."""
     cfg = moe.get_moe_config(model)
+    argv = sys.argv[1:] if argv is None else list(argv)
     selection = selection or Timer()
     steps = {} if train_steps is None else {
         "train_steps": train_steps, "selection_seconds": selection.seconds,
@@ -90,7 +92,7 @@ def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train: Tim
         "threads": torch.get_num_threads()}
     return {"train_seconds": train.seconds, **steps, "gradient_mask": mask_summary(mask),
             "moe_config": cfg.to_dict() if cfg is not None else None,
-            "argv": sys.argv[1:] if argv is None else list(argv), **parameter_summary(model),
+            "argv": argv, "data_sha256": data_fingerprint(argv), **parameter_summary(model),
             "conversion_error": conversion_error_summary(model)}
 
 

@@ -391,6 +391,8 @@ def test_ablation_and_factorization_studies(tmp_path):
                                                                      ("wikitext2", "mpoe-wo-ps", 1)]
     for row in rows:
         run = runs[row["variant"]]
+        assert run["data_sha256"] == run_io.data_fingerprint(passthrough)  # what a reuse is checked against
+        assert set(run["data_sha256"]) == {"--train-file", "--validation-file", "--test-file"}
         assert row["test_perplexity_mean"] == run["test_perplexity"] and row["test_perplexity_std"] == 0.0
         assert (row["bleu2_mean"], row["bleu4_mean"], row["self_bleu2_mean"]) == (run["bleu2"], run["bleu4"],
                                                                                   run["self_bleu2"])
@@ -537,6 +539,51 @@ def test_run_study_refuses_a_finished_run_made_with_other_options(tmp_path):
     assert studies.option_values(["--data-dir", "../shared/data/glue", "--train-file", "/a/valid.txt"]) == \
         studies.option_values(["--data-dir", "/data/glue", "--train-file", "b/valid.txt"])
     assert studies.option_values(["--train-file", "w/valid.txt"]) != studies.option_values(["--train-file", "w/train.txt"])
+
+
+def test_run_study_refuses_a_finished_run_made_on_other_data_with_the_same_names(tmp_path):
+    """A quick run on small data, then the study on real data in the same folder: same file and
+    folder names, other content -> refused, never averaged in as the real-data figure."""
+    calls = []
+
+    def main(argv):  # records argv and the data fingerprint, as every recipe's results.json does
+        calls.append(argv)
+        out = Path(argv[argv.index("--output-dir") + 1])
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"argv": argv, "data_sha256": run_io.data_fingerprint(argv)}))
+
+    def data(root, rows):
+        (root / "glue" / "RTE").mkdir(parents=True)
+        for split in ("train", "dev"):
+            (root / "glue" / "RTE" / f"{split}.tsv").write_text("".join(f"row {i}\n" for i in range(rows)))
+        (root / "test.txt").write_text(f"{rows} lines\n")
+        return ["--data-dir", str(root / "glue"), "--test-file", str(root / "test.txt")]
+
+    small, real = data(tmp_path / "small", 6), data(tmp_path / "real", 600)
+    recipe = studies.StudyRecipe("x", main, metrics=dict, headline="h", task="t")
+
+    def runs(passthrough):
+        return studies.grid(recipe, tasks=["-"], variants=["mpoe"], ms=[3], seeds=[1], passthrough=passthrough)
+
+    studies.run_study(main, runs(small), tmp_path / "study")
+    with pytest.raises(studies.StudyError, match=r"other data.*--data-dir RTE/dev.tsv, RTE/train.tsv"):
+        studies.run_study(main, runs(real), tmp_path / "study")
+    with pytest.raises(studies.StudyError, match="--test-file"):
+        studies.run_study(main, runs(small[:2] + real[2:]), tmp_path / "study", existing_only=True)
+    # the same content elsewhere (another checkout), with a file added: reused
+    shutil.copytree(tmp_path / "small", tmp_path / "copy")
+    (tmp_path / "copy" / "glue" / "README").write_text("added")
+    assert len(studies.run_study(main, runs(data_args(tmp_path / "copy")), tmp_path / "study")) == 1
+    # data not present here cannot be checked; a run recorded before fingerprints is compared by name
+    assert len(studies.run_study(main, runs(data_args(tmp_path / "gone")), tmp_path / "study", existing_only=True)) == 1
+    result = tmp_path / "study" / "t-mpoe-m3-s1" / "results.json"
+    result.write_text(json.dumps({"argv": json.loads(result.read_text())["argv"]}))
+    assert len(studies.run_study(main, runs(real), tmp_path / "study")) == 1
+    assert len(calls) == 1
+
+
+def data_args(root):
+    return ["--data-dir", str(root / "glue"), "--test-file", str(root / "test.txt")]
 
 
 def _marker_main(log: Path, delay: float = 0.0):

@@ -15,6 +15,15 @@ from tnmoe.moe import DenseExpertBank, ExpertFFN, MoEConfig, MoELayer, SwitchRou
 from tnmoe.moe.losses import load_balancing_loss
 
 
+def checkpointing(model, on: bool, reentrant: bool = False) -> None:
+    """HF activation checkpointing on/off (the name since transformers 5.x, else the old one)."""
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    if on:
+        getattr(model, f"{name}_enable")({"use_reentrant": reentrant})
+    else:
+        getattr(model, f"{name}_disable")()
+
+
 def _switch_layer(capacity_factor=1.0, d=8, experts=4, seed=0):
     torch.manual_seed(seed)
     layer = MoELayer(router=SwitchRouter(d_model=d, num_experts=experts, capacity_factor=capacity_factor,
@@ -177,9 +186,9 @@ def test_ignore_padding_survives_save_load_deepcopy_and_pickle(tmp_path):
 def _grads(model, ckpt, reentrant=False, ignore_padding=True):
     model.zero_grad()
     if ckpt:
-        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        checkpointing(model, True, reentrant)
     else:
-        model.gradient_checkpointing_disable()
+        checkpointing(model, False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, VOCAB, (3, 7), generator=g)
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
@@ -296,7 +305,7 @@ def test_pre_ln_block_with_an_earlier_forward_kept_alive_recomputes_its_own_mask
     grads = {}
     for ckpt in (False, True):
         model.zero_grad()
-        model.gradient_checkpointing_enable() if ckpt else model.gradient_checkpointing_disable()
+        checkpointing(model, ckpt)
         kept = model(input_ids=ids_a, attention_mask=mask_a)  # e.g. a logging forward
         model(input_ids=ids_b, attention_mask=mask_b).logits.square().mean().backward()
         grads[ckpt] = _param_grads(model)
@@ -307,7 +316,7 @@ def test_pre_ln_block_with_an_earlier_forward_kept_alive_recomputes_its_own_mask
 
 def test_training_loop_that_keeps_its_losses_alive():
     model = _gpt2_padding_model()
-    model.gradient_checkpointing_enable()
+    checkpointing(model, True)
     losses = []
     for ids, mask in zip(*_two_batches()):
         loss = model(input_ids=ids, attention_mask=mask).logits.square().mean()
@@ -337,9 +346,9 @@ def test_two_forwards_on_different_inputs_then_one_backward(router, reentrant):
     for ckpt in (False, True):
         model.zero_grad()
         if ckpt:
-            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            checkpointing(model, True, reentrant)
         else:
-            model.gradient_checkpointing_disable()
+            checkpointing(model, False)
         loss = sum((model.bert(input_ids=i, attention_mask=m).last_hidden_state * m[..., None]).square().sum()
                    for i, m in zip(ids, masks))
         loss.backward()
