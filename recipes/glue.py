@@ -37,7 +37,9 @@ def build_parser(default_model: str) -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None, help="local GLUE folder (<dir>/RTE/train.tsv ...); default: the hub")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--split-protocol", default="paper", choices=["paper", "dev"],
-                    help="paper: halve the dev set into validation (selection) and test")
+                    help="paper: tasks under 10k training rows halve dev into validation (selection) "
+                         "and test; larger ones validate on 1k held-out training rows and test on dev. "
+                         "dev: dev for both")
     ap.add_argument("--max-train-samples", type=int, default=None)
     ap.add_argument("--max-eval-samples", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=128)

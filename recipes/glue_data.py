@@ -75,14 +75,24 @@ def _read_tsv(path: Path, task: GlueTask) -> list[dict]:
     return rows
 
 
+#: the paper protocol: tasks with at least this many training rows are "large" (SST-2, QNLI, QQP,
+#: MNLI) and select models on :data:`HELD_OUT_ROWS` training rows instead of half the dev set
+LARGE_TASK_ROWS = 10_000
+HELD_OUT_ROWS = 1_000
+
+
 def load_glue(task: GlueTask, data_dir: str | None, *, max_train: int | None = None,
               max_eval: int | None = None, split_protocol: str = "paper", seed: int = 42):
     """``(train, validation, test)`` as ``datasets.Dataset``.
 
     ``data_dir``: a local GLUE folder (``<data_dir>/<Task>/{train,dev}.tsv``); ``None`` loads
-    ``glue/<task>`` from the hub with ``datasets``. ``split_protocol="paper"``: the original
-    dev set is shuffled (seeded) and halved, one half for model selection, the other as test;
-    ``"dev"``: dev is both validation and test. Dev rows carry ``dev_index``, their row in the dev set.
+    ``glue/<task>`` from the hub with ``datasets``. ``split_protocol="paper"`` (MPOE, after
+    Mahabadi et al. 2021): a task with fewer than :data:`LARGE_TASK_ROWS` training rows has its
+    dev set shuffled (seeded) and halved, one half for model selection, the other as test; a
+    larger task holds out :data:`HELD_OUT_ROWS` shuffled training rows (not trained on) for
+    model selection and tests on the whole dev set. ``"dev"``: dev is both validation and test.
+    ``max_train`` caps the training rows after the split. Dev rows carry ``dev_index``, their row
+    in the dev set.
     """
     import datasets
 
@@ -96,19 +106,21 @@ def load_glue(task: GlueTask, data_dir: str | None, *, max_train: int | None = N
         ds = datasets.load_dataset("glue", task.hub_name)
         train = ds["train"]
         dev = ds["validation_matched" if task.name == "mnli" else "validation"]
+    if split_protocol not in ("paper", "dev"):
+        raise RecipeError(f"split protocol must be 'paper' or 'dev', got {split_protocol!r}")
     train = train.shuffle(seed=seed)
-    if max_train:
-        train = train.select(range(min(max_train, len(train))))
     if "dev_index" not in dev.column_names:  # the row's place in the dev set, to pair outputs across seeds
         dev = dev.add_column("dev_index", list(range(len(dev))))
     dev = dev.shuffle(seed=seed)
-    if split_protocol == "paper":
+    if split_protocol == "dev":
+        val = test = dev
+    elif len(train) < LARGE_TASK_ROWS:
         half = len(dev) // 2
         val, test = dev.select(range(half)), dev.select(range(half, len(dev)))
-    elif split_protocol == "dev":
-        val = test = dev
     else:
-        raise RecipeError(f"split protocol must be 'paper' or 'dev', got {split_protocol!r}")
+        val, train, test = train.select(range(HELD_OUT_ROWS)), train.select(range(HELD_OUT_ROWS, len(train))), dev
+    if max_train:
+        train = train.select(range(min(max_train, len(train))))
     if max_eval:
         val = val.select(range(min(max_eval, len(val))))
         test = test.select(range(min(max_eval, len(test))))

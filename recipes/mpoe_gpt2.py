@@ -161,6 +161,9 @@ def study_metrics(result: dict) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     """Train and score one variant; returns (and writes) the ``results.json`` dict."""
     args = build_parser().parse_args(argv)
+    if args.train_tokenizer and not args.from_scratch:
+        raise RecipeError("--train-tokenizer needs --from-scratch: a pretrained model's embeddings are indexed "
+                          "by its own tokenizer's ids, so new BPE ids would silently pick unrelated rows")
     start_run(args)
     texts = load_texts(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
             "m": args.m if moe_cfg is not None and moe_cfg.expert_type == "mpo" else None,
             "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "block_size": args.block_size,
             "train_tokens": train_blocks.numel(), "test_tokens": test_blocks.numel(),
+            "test_tokens_scored": test_blocks.shape[0] * (test_blocks.shape[1] - 1),
             "test_perplexity": ppl, "test_nll": nll, **{k: v for k, v in gen.items()},
             **run_record(model, mask, timer, argv, trainer.state.global_step),
         }

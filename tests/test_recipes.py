@@ -358,7 +358,7 @@ def test_gpt2_recipe(tmp_path, variant):
     with torch.no_grad():
         logits = model(input_ids=blocks).logits[:, :-1].double()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
-    assert r["test_tokens"] == blocks.numel()
+    assert r["test_tokens"] == blocks.numel() and r["test_tokens_scored"] == blocks[:, 1:].numel()
     assert r["test_nll"] == pytest.approx(nll, rel=1e-5)
     assert r["test_perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
 
@@ -586,6 +586,24 @@ def data_args(root):
     return ["--data-dir", str(root / "glue"), "--test-file", str(root / "test.txt")]
 
 
+def test_paper_split_protocol_small_and_large_tasks(tmp_path):
+    """< 10k training rows: dev halved (validation / test); >= 10k: 1k held-out training rows
+    validate, the whole dev set tests, and no held-out row is trained on."""
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    for split, rows in (("train", 10_500), ("dev", 40)):
+        (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{split} {i}\t{i % 2}\n" for i in range(rows)))
+    task = glue_data.get_task("sst2")
+    train, val, test = glue_data.load_glue(task, str(tmp_path / "glue"), seed=3)
+    assert (len(train), len(val), len(test)) == (9_500, 1_000, 40)
+    assert not set(train["sentence"]) & set(val["sentence"]) and all(s.startswith("train") for s in val["sentence"])
+    assert sorted(test["dev_index"]) == list(range(40))
+    capped, val_capped, _ = glue_data.load_glue(task, str(tmp_path / "glue"), seed=3, max_train=100)
+    assert len(capped) == 100 and val_capped["sentence"] == val["sentence"]  # the cap does not change the split
+    _, val, test = glue_data.load_glue(glue_data.get_task("mrpc"), str(FIX / "glue"), seed=42)
+    assert (len(val), len(test)) == (6, 6) and not set(val["dev_index"]) & set(test["dev_index"])
+
+
 def _marker_main(log: Path, delay: float = 0.0):
     """A fake recipe main that appends its run name to ``log`` (one line per execution)."""
     import os
@@ -715,6 +733,8 @@ def test_bad_inputs(tiny_dirs, tmp_path, capsys):
     _fails(glue.main, _glue_args(tmp_path / "distil", out, "--task", "rte", "--variant", "mpoe"),
            capsys, "no FFN with a registered adapter")
     _fails(mpoe_gpt2.main, _gpt2_args(out, "--train-file", str(tmp_path / "missing.txt")), capsys, "not found")
+    _fails(mpoe_gpt2.main, ["--model", str(tiny_dirs / "gpt2"), "--train-tokenizer", "300", "--output-dir", str(out)],
+           capsys, "--train-tokenizer needs --from-scratch")
     assert not out.exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
 
