@@ -79,11 +79,11 @@ def _fsdp_case(rank):
 
     model = _model()
     mask = GradientMask(model, p_b=1.0, seed=rank)  # built BEFORE sharding replaces the parameters
-    before_ids = [id(p) for p in mask.params]
+    before = mask.params  # kept alive: a freed parameter's id could be reused by its replacement
     shared0 = [p.detach().clone() for p in moe.shared_parameters(model)]
     experts0 = [p.detach().clone() for p in _expert_parameters(model)]
     fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    replaced = all(id(p) != i for p, i in zip(mask.params, before_ids))
+    replaced = all(p is not old for p, old in zip(mask.params, before))
     _train(model, mask, model.parameters(), rank, steps=2)
     full = [p.full_tensor() for p in moe.shared_parameters(model)]
     experts = [p.full_tensor() for p in _expert_parameters(model)]
