@@ -115,6 +115,18 @@ def test_plain_trainer_callback_resumes_mask_from_output_dir(tmp_path):
     assert torch.equal(mask.state_dict()["rng"], reference.state_dict()["rng"])
 
 
+def test_plain_trainer_refuses_the_mask_state_of_another_run(tmp_path):
+    """A plain Trainer resuming from a checkpoint outside output_dir looks for the mask state in
+    output_dir; a checkpoint of the same step there from another run is refused, not loaded."""
+    _run(tmp_path / "a", trainer_cls=Trainer, stop_at=4)
+    _run(tmp_path / "b", trainer_cls=Trainer, stop_at=4, mask_seed=1)
+    with pytest.raises(ValueError, match="another run"):
+        _run(tmp_path / "a", trainer_cls=Trainer, resume=str(tmp_path / "b" / "checkpoint-4"), mask_seed=1)
+    _, mask, _ = _run(tmp_path / "a", trainer_cls=moe.MoETrainer, resume=str(tmp_path / "b" / "checkpoint-4"),
+                      mask_seed=1)  # MoETrainer reads the state from the checkpoint it resumes from
+    assert torch.equal(mask.state_dict()["rng"], _draws(12, seed=1).state_dict()["rng"])
+
+
 def test_resume_without_mask_state_fails_clearly(tmp_path):
     _run(tmp_path, trainer_cls=Trainer, stop_at=4)
     (tmp_path / "checkpoint-4" / MASK_STATE_NAME).unlink()  # e.g. written by an older tnmoe

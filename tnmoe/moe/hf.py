@@ -18,6 +18,8 @@ and divided by the window's token count, as transformers models do when given
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -37,17 +39,26 @@ __all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "MASK_STATE_
 MASK_STATE_NAME = "tnmoe_gradient_mask.pt"
 
 
-def _save_mask_state(mask: GradientMask, folder: Path, global_step: int) -> None:
-    """Write ``mask.state_dict()`` (with the step it belongs to) into ``folder``, atomically."""
+def _history_digest(state) -> str:
+    """SHA-256 of the Trainer's ``log_history``: saved with the mask state and compared on
+    resume, so a mask state from another run's checkpoint of the same step is not taken."""
+    return hashlib.sha256(json.dumps(state.log_history, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_mask_state(mask: GradientMask, folder: Path, state) -> None:
+    """Write ``mask.state_dict()`` (with the step and run history it belongs to) into ``folder``, atomically."""
     path = folder / MASK_STATE_NAME
     tmp = folder / (MASK_STATE_NAME + ".tmp")
-    torch.save({"global_step": int(global_step), "mask": mask.state_dict()}, tmp)
+    torch.save({"global_step": int(state.global_step), "log_history_sha256": _history_digest(state),
+                "mask": mask.state_dict()}, tmp)
     os.replace(tmp, path)
 
 
-def _load_mask_state(mask: GradientMask, folder: Path, global_step: int) -> None:
-    """Restore ``mask`` from the checkpoint ``folder`` of step ``global_step``; ``FileNotFoundError``
-    / ``ValueError`` when the state is missing or belongs to another step."""
+def _load_mask_state(mask: GradientMask, folder: Path, state) -> None:
+    """Restore ``mask`` from the checkpoint ``folder`` training resumes from (``state``: the
+    Trainer state loaded from it); ``FileNotFoundError`` / ``ValueError`` when the mask state is
+    missing or belongs to another step or another run."""
+    global_step = state.global_step
     path = folder / MASK_STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(
@@ -60,6 +71,13 @@ def _load_mask_state(mask: GradientMask, folder: Path, global_step: int) -> None
     if int(saved["global_step"]) != int(global_step):
         raise ValueError(f"{path} holds the gradient mask state of step {saved['global_step']}, but training "
                          f"resumes at step {global_step}")
+    if saved.get("log_history_sha256", _history_digest(state)) != _history_digest(state):
+        raise ValueError(
+            f"{path} holds the gradient mask state of another run (its log history differs from the checkpoint "
+            "training resumes from). A plain Trainer resuming from a checkpoint outside args.output_dir finds "
+            "the mask state only in args.output_dir: use MoETrainer.train(resume_from_checkpoint=path) or set "
+            "callback.resume_from = path"
+        )
     mask.load_state_dict(saved["mask"])
 
 
@@ -73,7 +91,8 @@ class GradientMaskCallback(TrainerCallback):
     the processes that save). When training resumes (``state.global_step > 0`` at
     ``on_train_begin``), the state is read from ``resume_from`` (set by
     :class:`MoETrainer` to the checkpoint it resumes from) or else from
-    ``<output_dir>/checkpoint-<global_step>``; a missing state is an error, not a silent replay.
+    ``<output_dir>/checkpoint-<global_step>``; a missing state, or one saved by another run (its
+Trainer log history differs from the resumed checkpoint's), is an error, not a silent replay.
     """
 
     def __init__(self, mask: GradientMask) -> None:
@@ -101,13 +120,13 @@ class GradientMaskCallback(TrainerCallback):
             warnings.warn(f"GradientMaskCallback: checkpoint folder {folder} not found; the mask state of step "
                           f"{state.global_step} is not saved and resuming from that checkpoint will fail")
             return control
-        _save_mask_state(self.mask, folder, state.global_step)
+        _save_mask_state(self.mask, folder, state)
         return control
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
             folder = self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            _load_mask_state(self.mask, Path(folder), state.global_step)
+            _load_mask_state(self.mask, Path(folder), state)
         return control
 
 
