@@ -20,8 +20,9 @@ __all__ = ["MoELayer", "RoutingStats", "moe_layers", "auxiliary_loss"]
 @dataclass
 class RoutingStats:
     """Expert load after a forward: ``tokens_per_expert`` ``(E,)`` assignments routed to each
-    expert (before capacity), ``kept_per_expert`` ``(E,)`` after it; :attr:`dropped` the number
-    of assignments dropped by capacity. Tensors stay on the device (reading :attr:`dropped`
+    expert (before capacity), ``kept_per_expert`` ``(E,)`` after it, ``num_tokens`` the tokens
+    routed (padding excluded under a token mask); :attr:`dropped` the number of assignments
+    dropped by capacity. Tensors stay on the device (reading :attr:`dropped`
     or :attr:`imbalance` syncs)."""
 
     tokens_per_expert: torch.Tensor
