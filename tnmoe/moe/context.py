@@ -45,8 +45,10 @@ class _Record:
 
 
 def _fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """A position-weighted sum of ``x`` (float64, on ``x``'s device; no host sync)."""
-    rows = x.detach().reshape(-1, x.shape[-1]).double().sum(-1)
+    """A position-weighted sum of ``x``'s row sums (float64 scalar on ``x``'s device; no host sync,
+    no copy of ``x``: rows are summed in ``x``'s dtype, which is deterministic, and enough to tell
+    different inputs apart)."""
+    rows = x.detach().reshape(-1, x.shape[-1]).sum(-1).double()
     return rows @ torch.linspace(1.0, 2.0, rows.shape[0], dtype=torch.float64, device=rows.device)
 
 
