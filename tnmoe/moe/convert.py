@@ -171,10 +171,11 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
             "original model, or load a converted checkpoint with tnmoe.moe.from_pretrained"
         )
     targets = find_target_modules(model, config.target_modules)
-    if _context_inputs(config):  # fail before anything is installed
+    context_inputs = _context_inputs(config)
+    if context_inputs:  # fail before anything is installed
         modules = dict(model.named_modules())
         for name, _ in targets:
-            _context_owner(modules, name, _context_inputs(config))
+            _context_owner(modules, name, context_inputs)
     gen = torch.Generator().manual_seed(config.seed)
     built = []
     for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
@@ -194,7 +195,7 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
         adapter.install(parent, child, module, layer)
     names = [name for name, *_ in built]
     mark_hf_config(model, config, names)
-    if _context_inputs(config):
+    if context_inputs:
         _wire_routing_context(model, config)
     return model
 
@@ -254,7 +255,7 @@ def _wire_routing_context(model: nn.Module, config: MoEConfig) -> None:
         anc = _context_owner(modules, name, wanted)
         owners.setdefault(anc, []).append(name[len(anc) + 1:] if anc else name)
     for anc, names in owners.items():
-        hooks = _ContextHooks(names, token_ids, padding)
+        hooks = _ContextHooks(names, list(inspect.signature(modules[anc].forward).parameters), token_ids, padding)
         modules[anc].register_forward_pre_hook(hooks.set_context, with_kwargs=True)
         modules[anc].register_forward_hook(hooks.clear_context, always_call=True)
 
@@ -264,13 +265,19 @@ class _ContextHooks:
     deepcopy of the model (an EMA copy, say) routes its own layers, not the original's; a plain
     class, so models with these hooks pickle (``torch.save(model)``)."""
 
-    def __init__(self, names: list[str], token_ids: bool, padding: bool) -> None:
-        self.names, self.token_ids, self.padding = names, token_ids, padding
+    def __init__(self, names: list[str], parameters: list[str], token_ids: bool, padding: bool) -> None:
+        self.names, self.parameters, self.token_ids, self.padding = names, parameters, token_ids, padding
+
+    def _argument(self, name: str, args: tuple, kwargs: dict):
+        """The value the owner's call passed for parameter ``name`` (by keyword or position)."""
+        if name in kwargs:
+            return kwargs[name]
+        position = self.parameters.index(name)
+        return args[position] if position < len(args) else None
 
     def set_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-        context = RoutingContext(bound.get("input_ids") if self.token_ids else None,
-                                 bound.get("attention_mask") if self.padding else None)
+        context = RoutingContext(self._argument("input_ids", args, kwargs) if self.token_ids else None,
+                                 self._argument("attention_mask", args, kwargs) if self.padding else None)
         for name in self.names:
             module.get_submodule(name).routing_context.set(context)
 
