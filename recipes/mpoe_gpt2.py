@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-generate", type=int, default=32, help="prompts for BLEU/Self-BLEU (0: skip)")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--generate-tokens", type=int, default=32)
-    add_training_args(ap, epochs=1, lr=5e-4, warmup_ratio=0.05)
+    add_training_args(ap, epochs=1, lr=5e-4, warmup_ratio=0.05, fp16=True)
     add_moe_args(ap)
     return ap
 

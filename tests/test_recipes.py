@@ -376,6 +376,14 @@ def test_gpt2_recipe(tmp_path, variant):
     assert r["m"] == (3 if variant == "mpoe" else None)
 
 
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_gpt2_recipe_mixed_precision(tmp_path, precision):
+    """--bf16/--fp16 (HF Trainer autocast; the GLUE recipes' flags) train MPOE GPT-2 to a finite
+    perplexity (--fp16 was an argparse error for GPT-2 before)."""
+    r = mpoe_gpt2.main(_gpt2_args(tmp_path / "run", "--variant", "mpoe", precision))
+    assert r["variant"] == "mpoe" and math.isfinite(r["test_perplexity"]) and r["test_perplexity"] > 1.0
+
+
 # --- studies --------------------------------------------------------------------------------------
 def test_ablation_and_factorization_studies(tmp_path):
     import ablations
