@@ -12,8 +12,10 @@ Pareto front and ``m/bond`` labels).
         -- --model runs/base/model --train-file wikitext-2/valid.txt --test-file wikitext-2/test.txt
 
 ``--core-seeds`` (default: ``--seeds``) are the seeds of the m = ``--core-m`` column and the
-lossless row; every other point runs ``--seeds``. Arguments after ``--`` go to the recipe
-unchanged. Runs already present (e.g. from ``ablations.py`` with the same output folder) are
+lossless row; every other point runs ``--seeds``. ``--baseline dense`` adds a reference row: that
+variant trained with the same recipe arguments on the core seeds (run ``<task>-dense-m<core-m>-s<seed>``,
+as an ablation names it, so an ablation's runs with the same arguments are reused); its row has
+``variant`` set and no m or bond cap. Arguments after ``--`` go to the recipe unchanged. Runs already present (e.g. from ``ablations.py`` with the same output folder) are
 reused, and the same command started several times side by side shares the runs.
 """
 
@@ -25,13 +27,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from registry import STUDY_RECIPES, study_recipe  # noqa: E402
 from run_io import run_main  # noqa: E402
-from studies import (conduct_study, grid, int_list, parse_bonds, parse_study_args, pareto_plot,  # noqa: E402
-                     study_parser)
+from studies import (StudyError, conduct_study, grid, int_list, parse_bonds, parse_study_args,  # noqa: E402
+                     pareto_plot, study_parser)
 from variants import VARIANTS  # noqa: E402
 
 
 def point_label(row: dict) -> str:
-    """``'5/64'``: m and bond cap of a summary row."""
+    """``'5/64'``: m and bond cap of a summary row; the variant's name for a baseline row."""
+    if row.get("m") is None:
+        return str(row["variant"])
     return f"{row['m']}/{row['max_bond']}"
 
 
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--core-m", type=int, default=5)
     ap.add_argument("--variant", default="mpoe", choices=sorted(VARIANTS))
     ap.add_argument("--task", default="rte", help="GLUE task (ignored for gpt2)")
+    ap.add_argument("--baseline", default=None, choices=sorted(VARIANTS),
+                    help="also train this variant (e.g. dense) on the core seeds as a reference row")
     args, passthrough = parse_study_args(ap, argv)
     recipe = study_recipe(args.recipe)
     seeds = int_list(args.seeds)
@@ -51,13 +57,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = grid(recipe, tasks=[args.task], variants=[args.variant], ms=int_list(args.ms),
                 bonds=parse_bonds(args.max_bonds), seeds=seeds, passthrough=passthrough,
                 seeds_for=lambda m, bond: core if (m == args.core_m or bond is None) else seeds)
+    if args.baseline is not None:
+        if args.baseline == args.variant:
+            raise StudyError(f"--baseline {args.baseline} is the study's own --variant; pick another (e.g. dense)")
+        reference = grid(recipe, tasks=[args.task], variants=[args.baseline], ms=[args.core_m], seeds=core,
+                         passthrough=passthrough)
+        for run in reference:
+            run.labels.update(m=None, max_bond=None)  # not a point of the m x bond grid
+        runs = reference + runs
     title = f"{args.recipe}: MPOE with m local tensors and capped bonds"
     out = Path(args.output_dir)
-    rows = conduct_study(recipe, runs, out, group_keys=("task", "m", "max_bond"), name="factorization",
+    rows = conduct_study(recipe, runs, out, group_keys=("task", "variant", "m", "max_bond"), name="factorization",
                          label_key=point_label, panel_key=None, existing_only=args.existing_only, wait=args.wait, title=title)
     if rows:
         pareto_plot(rows, recipe, out / "factorization_pareto.png", label=point_label,
-                    title=title + " (labels m/bond)")
+                    title=title + " (labels m/bond)", is_reference=lambda row: row.get("m") is None)
     return rows
 
 

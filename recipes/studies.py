@@ -402,9 +402,10 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_is_better: bool) -
 
 
 def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, label: Callable[[dict], str],
-                title: str = "") -> None:
+                title: str = "", is_reference: Callable[[dict], bool] | None = None) -> None:
     """Quality (headline mean, error bar = std over seeds) against total parameters (millions),
-    every row labelled ``label(row)``, the Pareto front joined by a line."""
+    every row labelled ``label(row)``, the Pareto front joined by a line; rows for which
+    ``is_reference(row)`` (e.g. a dense baseline) are drawn as orange squares."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -415,8 +416,9 @@ def pareto_plot(rows: list[dict], recipe: StudyRecipe, path: Path, *, label: Cal
     front = pareto_front(pts, recipe.lower_is_better)
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for r, (x, y) in zip(rows, pts):
-        ax.errorbar(x, y, yerr=r[f"{metric}_std"] or None, fmt="o", capsize=3, color="tab:blue",
-                    alpha=0.9 if r.get("seeds", 1) > 1 else 0.6)
+        ref = is_reference is not None and is_reference(r)
+        ax.errorbar(x, y, yerr=r[f"{metric}_std"] or None, fmt="s" if ref else "o", capsize=3,
+                    color="tab:orange" if ref else "tab:blue", alpha=0.9 if r.get("seeds", 1) > 1 else 0.6)
         ax.annotate(label(r), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "-", color="tab:red", alpha=0.6,
             label="Pareto front")

@@ -132,6 +132,10 @@ def factorization_table(path, metric_label):
 
     for r in rows:
         std = f" ± {r[key.replace('_mean', '_std')]:.3f}" if r["seeds"] > 1 else ""
+        if r.get("m") is None:  # the study's --baseline row (e.g. dense), same recipe arguments
+            print(f"| {r['variant']} (reference) | - | {r['seeds']} | {fmt(r['total_params'], '.2f', 1e6)} | - | - | "
+                  f"{r[key]:.3f}{std} | {fmt(r.get('seconds_per_step_mean'), '.2f')} |")
+            continue
         print(f"| {r['m']} | {r.get('max_bond', 'lossless')} | {r['seeds']} | {fmt(r['total_params'], '.2f', 1e6)} | "
               f"{fmt(r.get('per_expert_params'), '.1f', 1e3)} | {fmt(r.get('conversion_error'), '.3g')} | "
               f"{r[key]:.3f}{std} | {fmt(r.get('seconds_per_step_mean'), '.2f')} |")

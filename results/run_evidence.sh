@@ -88,14 +88,15 @@ case "${1:-all}" in
     ;;&
   factorization|factorization-lm|all)
     # m in {3,5,7,9} x bond caps {lossless,256,64,16}; 3 seeds for the m = 5 column and the
-    # lossless row, 1 elsewhere. Lossless runs of the studies above are reused (same names).
+    # lossless row, 1 elsewhere; plus a dense reference row (--baseline dense, the core seeds).
+    # Lossless and dense runs of the studies above are reused (same names and arguments).
     W2="$DATA/wikitext-2"
     gpt2_base
     LM=(--model results/gpt2_wikitext2/base/model --train-file "$W2/valid.txt" --test-file "$W2/test.txt"
         --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads "${THREADS:-1}" --quiet)
     FACT=(--ms 3,5,7,9 --max-bonds lossless,256,64,16)
     # pass 1: every point with one seed; pass 2: the extra seeds of the m = 5 column and lossless row
-    lm_fact() { "$PY" recipes/factorization_study.py --recipe gpt2 "${FACT[@]}" --seeds 42 "$@" \
+    lm_fact() { "$PY" recipes/factorization_study.py --recipe gpt2 "${FACT[@]}" --baseline dense --seeds 42 "$@" \
                   --output-dir results/gpt2_wikitext2 -- "${LM[@]}"; }
     workers lm_fact --core-seeds 42
     workers lm_fact --core-seeds 42,43,44
@@ -107,10 +108,12 @@ case "${1:-all}" in
     G=results/glue_minilm
     LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
     # one epoch (the grid trains 3): 30 runs of 3 epochs would be ~15 CPU-hours here; its own
-    # folder, so its runs never meet the grid's 3-epoch runs of the same name
+    # folder, so its runs never meet the grid's 3-epoch runs of the same name. The dense
+    # reference row (--baseline dense) trains with the same arguments, MPOE's learning rate
+    # included (the sweep chose 5e-5 for both families)
     GL=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 1 --capacity-factor none
         --threads "${THREADS:-1}" --quiet --lr "$LR_MPOE")
-    glue_fact() { "$PY" recipes/factorization_study.py --recipe bert --task stsb "${FACT[@]}" --seeds 1 "$@" \
+    glue_fact() { "$PY" recipes/factorization_study.py --recipe bert --task stsb "${FACT[@]}" --baseline dense --seeds 1 "$@" \
                     --output-dir $G/factorization_stsb -- "${GL[@]}"; }
     workers glue_fact --core-seeds 1
     workers glue_fact --core-seeds 1,2,3

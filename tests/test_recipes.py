@@ -385,7 +385,7 @@ def test_gpt2_recipe_mixed_precision(tmp_path, precision):
 
 
 # --- studies --------------------------------------------------------------------------------------
-def test_ablation_and_factorization_studies(tmp_path):
+def test_ablation_and_factorization_studies(tmp_path, capsys, monkeypatch):
     import ablations
     import factorization_study
 
@@ -438,6 +438,29 @@ def test_ablation_and_factorization_studies(tmp_path):
     assert all(r["seconds_per_step_mean"] > 0 for r in rows)
     for name in ("factorization.png", "factorization_pareto.png"):
         assert (study / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --baseline dense: a reference row trained with the same recipe arguments on the core seeds,
+    # named like an ablation's run; the grid's points are reused unchanged
+    with pytest.raises(run_io.RecipeError, match="own --variant"):  # the study's own variant is no baseline
+        factorization_study.main(["--recipe", "gpt2", "--ms", "3", "--baseline", "mpoe", "--output-dir",
+                                  str(study), "--", *passthrough])
+    with_ref = factorization_study.main(["--recipe", "gpt2", "--ms", "2,3", "--max-bonds", "lossless,2",
+                                         "--core-m", "3", "--core-seeds", "42,43", "--baseline", "dense",
+                                         "--output-dir", str(study), "--", *passthrough])
+    dense = [json.loads((study / "runs" / f"wikitext2-dense-m3-s{s}" / "results.json").read_text()) for s in (42, 43)]
+    ref = with_ref[0]
+    assert (ref["variant"], ref["m"], ref["max_bond"], ref["seeds"]) == ("dense", None, None, 2)
+    assert ref["test_perplexity_mean"] == pytest.approx(statistics.mean(r["test_perplexity"] for r in dense))
+    assert ref["total_params"] == dense[0]["total_params"] < rows[0]["total_params"]
+    assert with_ref[1:] == rows
+    assert factorization_study.point_label(ref) == "dense" and factorization_study.point_label(rows[3]) == "3/2"
+    monkeypatch.syspath_prepend(str(ROOT / "results"))
+    import make_tables
+
+    make_tables.factorization_table(study / "factorization.json", "test PPL")
+    printed = capsys.readouterr().out
+    assert f"| dense (reference) | - | 2 | {ref['total_params'] / 1e6:.2f} | - | - | " \
+           f"{ref['test_perplexity_mean']:.3f} ± {ref['test_perplexity_std']:.3f} |" in printed
 
 
 def test_pareto_front_against_brute_force():
