@@ -382,3 +382,26 @@ def test_threads_sharing_a_model_use_their_own_masks():
     for t in threads:
         t.join()
     assert wrong == [0, 0]
+
+
+def test_context_hooks_read_arguments_as_signature_binding_does():
+    """The owner hooks find input_ids / attention_mask where ``inspect.signature(...).bind`` puts
+    them: by keyword, by position, and never from ``*args`` when the name is keyword-only."""
+    import inspect
+
+    from tnmoe.moe.convert import _ContextHooks, _positions
+
+    def plain(input_ids=None, attention_mask=None, labels=None): ...
+    def star(hidden, *extra, input_ids=None, attention_mask=None): ...
+    def kwonly(hidden, *, attention_mask=None, input_ids=None): ...
+
+    wanted = ("input_ids", "attention_mask")
+    a, b, c = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
+    for fn, calls in ((plain, [((a, b), {}), ((a,), {"attention_mask": b}), ((), {"input_ids": a}), ((), {})]),
+                      (star, [((c, b, a), {}), ((c, b), {"input_ids": a}), ((c,), {"attention_mask": b})]),
+                      (kwonly, [((c,), {"input_ids": a, "attention_mask": b}), ((c,), {})])):
+        hooks = _ContextHooks([], _positions(fn, wanted), True, True)
+        for args, kwargs in calls:
+            bound = inspect.signature(fn).bind(*args, **kwargs).arguments
+            for name in wanted:
+                assert hooks._argument(name, args, kwargs) is bound.get(name), (fn.__name__, args, kwargs, name)

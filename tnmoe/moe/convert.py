@@ -243,6 +243,18 @@ def _context_owner(modules: dict[str, nn.Module], name: str, wanted: tuple[str, 
     )
 
 
+def _positions(forward, names: tuple[str, ...]) -> dict[str, int | None]:
+    """Index of each of ``names`` among ``forward``'s positional arguments, ``None`` where it can
+    only be passed by keyword (after ``*args`` or keyword-only), as ``Signature.bind`` maps them."""
+    params = list(inspect.signature(forward).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    out = {}
+    for name in names:
+        k = next(i for i, p in enumerate(params) if p.name == name)
+        out[name] = k if all(p.kind in positional for p in params[:k + 1]) else None
+    return out
+
+
 def _wire_routing_context(model: nn.Module, config: MoEConfig) -> None:
     """Give each MoE layer its model call's ``input_ids`` (hash routing) and/or ``attention_mask``
     (``ignore_padding``): the deepest ancestor of the layer whose forward takes them sets a
@@ -255,7 +267,7 @@ def _wire_routing_context(model: nn.Module, config: MoEConfig) -> None:
         anc = _context_owner(modules, name, wanted)
         owners.setdefault(anc, []).append(name[len(anc) + 1:] if anc else name)
     for anc, names in owners.items():
-        hooks = _ContextHooks(names, list(inspect.signature(modules[anc].forward).parameters), token_ids, padding)
+        hooks = _ContextHooks(names, _positions(modules[anc].forward, wanted), token_ids, padding)
         modules[anc].register_forward_pre_hook(hooks.set_context, with_kwargs=True)
         modules[anc].register_forward_hook(hooks.clear_context, always_call=True)
 
@@ -265,15 +277,15 @@ class _ContextHooks:
     deepcopy of the model (an EMA copy, say) routes its own layers, not the original's; a plain
     class, so models with these hooks pickle (``torch.save(model)``)."""
 
-    def __init__(self, names: list[str], parameters: list[str], token_ids: bool, padding: bool) -> None:
-        self.names, self.parameters, self.token_ids, self.padding = names, parameters, token_ids, padding
+    def __init__(self, names: list[str], positions: dict[str, int | None], token_ids: bool, padding: bool) -> None:
+        self.names, self.positions, self.token_ids, self.padding = names, positions, token_ids, padding
 
     def _argument(self, name: str, args: tuple, kwargs: dict):
         """The value the owner's call passed for parameter ``name`` (by keyword or position)."""
         if name in kwargs:
             return kwargs[name]
-        position = self.parameters.index(name)
-        return args[position] if position < len(args) else None
+        position = self.positions[name]
+        return args[position] if position is not None and position < len(args) else None
 
     def set_context(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = RoutingContext(self._argument("input_ids", args, kwargs) if self.token_ids else None,
