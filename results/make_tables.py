@@ -218,10 +218,27 @@ def mpo_linear_table(device):
                   f"| {x['ours_vs_linear']:.2f}x | {x['tltorch_vs_linear']:.2f}x | {x['ours_vs_tltorch']:.2f}x |")
 
 
+def rebuild_table(device):
+    """``bench_rebuild.py`` on ``device``: blocked / one-go permutation of a rebuild's last GEMM."""
+    path = HERE / "benchmarks" / f"rebuild_{device}.json"
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"\n`bench_rebuild.py` on {r['device_name']} (torch {r['torch']}), {r['experts']} experts, "
+          "blocked / one go:\n")
+    print("| threads | MPO | forward | forward + backward | the GEMM alone / one-go forward |")
+    print("|---|---|---|---|---|")
+    ratios = {(x["threads"], x["mpo"], x["row"]): x["ratio"] for x in r["rows"]}
+    for threads, mpo in dict.fromkeys((x["threads"], x["mpo"]) for x in r["rows"]):
+        cells = " | ".join(f"{ratios[(threads, mpo, row)]:.2f}x" for row in ("forward", "train", "gemm_only"))
+        print(f"| {threads} | {mpo.replace('bond', 'bond ')} | {cells} |")
+
+
 def benchmark_tables():
     for device in ("cpu", "cuda"):
         mpo_linear_table(device)
         moe_layer_table(device)
+        rebuild_table(device)
 
 
 if __name__ == "__main__":
