@@ -14,8 +14,10 @@ from tiny_models import inputs_for, tiny_gpt2
 from tnmoe.moe import DenseExpertBank, ExpertFFN, MoELayer, MPOExpertBank, SwitchRouter, grouped_linear
 from tnmoe.networks import (
     ContractionEngine,
+    MPOBank,
     MPOLinear,
     accumulate_reconstruction,
+    discard_accumulation,
     matmul_permute,
     mpo_core_shapes,
     reconstruct_equation,
@@ -302,6 +304,40 @@ def test_amortized_reconstruction_refuses_a_step_inside_the_window():
             model(**b, labels=b["input_ids"]).loss.backward()
 
 
+class _FailingForward(Exception):
+    pass
+
+
+def test_a_failed_micro_batch_ends_its_window_and_an_abandoned_one_is_discarded():
+    """The gradient of micro-batches before a failure (OOM, interrupt), or of a window a loop
+    abandons, must not join the next step's: compared with a fresh model's clean step."""
+    batches = [inputs_for(tiny_gpt2(), batch=2, seq=8, seed=s) for s in range(3)]
+    want = _accumulated_grads(_converted(), batches[1:], amortize=True)
+
+    model = _converted()
+    with accumulate_reconstruction(model, last=False):
+        (model(**batches[0], labels=batches[0]["input_ids"]).loss / 2).backward()
+    with pytest.raises(_FailingForward):
+        with accumulate_reconstruction(model, last=False):
+            raise _FailingForward  # the second micro-batch fails: the window is over
+    model.zero_grad()
+    got = _accumulated_grads(model, batches[1:], amortize=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+
+    model = _converted()
+    with accumulate_reconstruction(model, last=False):  # a window the loop abandons without an error
+        (model(**batches[0], labels=batches[0]["input_ids"]).loss / 2).backward()
+    banks = sum(isinstance(m, MPOBank) for m in model.modules())
+    assert discard_accumulation(model) == banks and discard_accumulation(model) == 0
+    model.zero_grad()
+    got = _accumulated_grads(model, batches[1:], amortize=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    with accumulate_reconstruction(model, last=False), pytest.raises(RuntimeError, match="between micro-batches"):
+        discard_accumulation(model)
+
+
 def _head_grads(model, steps, amortize):
     """Micro-batches ``steps``, each a list of ``(head, x)`` losses backpropagated one by one."""
     model.zero_grad(set_to_none=True)
@@ -398,3 +434,17 @@ def test_compiled_converted_model_hits_no_recompile_limit():
                 torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
     finally:
         dynamo_config.fail_on_recompile_limit_hit = old
+
+
+@pytest.mark.parametrize("tokens", [2, 4096])  # the streamed and the grouped (rebuilt) path
+def test_float64_expert_bank_under_autocast_stays_float64_like_linear(tokens):
+    bank = MPOExpertBank(num_experts=2, in_factors=[4, 8], out_factors=[4, 8], dtype=torch.float64)
+    x = torch.randn(tokens, 32, dtype=torch.float64)
+    counts = [tokens // 2, tokens - tokens // 2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bank(x, counts)
+    with torch.no_grad():
+        W = bank.weights()  # (E, out, in)
+    want = torch.cat([nn.functional.linear(x[:counts[0]], W[0]), nn.functional.linear(x[counts[0]:], W[1])])
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, want)

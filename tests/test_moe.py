@@ -504,3 +504,41 @@ def test_convert_warns_when_the_ffn_output_matrix_has_a_higher_precision(tmp_pat
     model = T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float16)  # keeps `wo` float32
     with pytest.warns(UserWarning, match="output matrix is torch.float32 and its input matrix torch.float16"):
         moe.convert(model, moe.MoEConfig(num_experts=2, expert_type="dense"), progress=False)
+
+
+def test_preserve_gate_stays_finite_when_a_selected_probability_underflows():
+    """top-2 with a logit gap > ~104: the second probability is 0 in float32; the weights must
+    still be exactly 1/k with finite gradients (p / p.detach() was 0/0 = NaN)."""
+    router = TopKRouter(d_model=4, num_experts=4, top_k=2, gate_scaling="preserve")
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.tensor([[60.0, 0, 0, 0], [-60.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    x = torch.tensor([[2.0, 0, 0, 0], [0.5, 1.0, 0, 0]])
+    out = router(x)
+    assert float(out.router_probs.detach()[0].topk(2).values[1]) == 0.0  # the case: an underflowed selection
+    torch.testing.assert_close(out.combine_weights, torch.full((2, 2), 0.5), rtol=0, atol=0)
+    (out.combine_weights * torch.randn(2, 2)).sum().backward()
+    assert torch.isfinite(router.gate.weight.grad).all()
+    # where nothing underflows, the gradient is the old d(p / p.detach())/dp = 1 / p: compare
+    p = torch.tensor([[0.7, 0.2]], dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 2, dtype=torch.float64)
+    (moe.routers.gate_weights(p, "preserve") * g).sum().backward()
+    torch.testing.assert_close(p.grad, g / p.detach() / 2)
+
+
+@pytest.mark.parametrize("shared_parent", [False, True])
+def test_convert_refuses_an_ffn_registered_under_several_names(shared_parent):
+    """One FFN module at two places (weight sharing): converting it at one name would leave the
+    dense FFN running at the other; the model must stay unchanged and the error name both."""
+    ffn = TinyFFN()
+    if shared_parent:
+        block = nn.Sequential(ffn)
+        model = nn.ModuleDict({"first": block, "second": block})
+    else:
+        model = nn.ModuleDict({"a": ffn, "b": ffn})
+    with tiny_ffn_registered(), pytest.raises(ValueError, match="registered under 2 names"):
+        moe.convert(model, MoEConfig(num_experts=2, m=2), progress=False)
+    assert not moe.moe_layers(model) and all(type(m) is not moe.MoELayer for m in model.modules())
+    with tiny_ffn_registered():  # separate copies convert at every place
+        copies = nn.ModuleDict({"a": TinyFFN(), "b": TinyFFN()})
+        moe.convert(copies, MoEConfig(num_experts=2, m=2), progress=False)
+    assert sorted(moe.converted_modules(copies)) == ["a", "b"]

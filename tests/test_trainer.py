@@ -304,3 +304,94 @@ def test_release_cancels_a_drawn_decision():
     assert all(p.requires_grad for p in mask.params) and mask.steps == 0
     assert mask.begin_step()  # a new decision is drawn, and applies as usual
     assert mask.apply() and mask.steps == 1 and all(p.requires_grad for p in mask.params)
+
+
+@pytest.mark.parametrize("reuse_mask", [False, True])
+def test_plain_trainer_after_an_interrupted_masked_step_trains_the_shared_tensors(tmp_path, reuse_mask):
+    """A plain Trainer has no ``finally`` that releases the mask: a new mask over the same tensors,
+    or the callback of the next Trainer, must switch them back on before the optimizer is built
+    (else they are silently left out of it and never trained)."""
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    mask = GradientMask(model, p_b=1.0, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=Tokens(),
+                callbacks=[RaiseBeforeStep(2), moe.GradientMaskCallback(mask)]).train()
+    assert mask.params and not any(p.requires_grad for p in mask.params)
+    before = [p.detach().clone() for p in mask.params]
+    with pytest.warns(UserWarning, match="requires_grad off"):
+        if reuse_mask:
+            mask.p_b = 0.0
+            again = mask
+        else:
+            again = GradientMask(model, p_b=0.0)
+        trainer = Trainer(model=model, args=_args(tmp_path, save_strategy="no", max_steps=1), train_dataset=Tokens(),
+                          callbacks=[moe.GradientMaskCallback(again)])
+    trainer.train()
+    assert all(p.requires_grad for p in again.params)
+    assert all(not torch.equal(b, p) for b, p in zip(before, again.params))
+
+
+def test_mask_callback_refuses_an_optimizer_built_while_the_shared_tensors_were_frozen(tmp_path):
+    torch.manual_seed(0)
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    mask = GradientMask(model, p_b=1.0, seed=0)
+    trainer = Trainer(model=model, args=_args(tmp_path, save_strategy="no", max_steps=1), train_dataset=Tokens(),
+                      callbacks=[moe.GradientMaskCallback(mask)])
+    mask.begin_step()  # a step drawn and never applied after the Trainer was built
+    trainer.create_optimizer()  # built while the masked tensors are frozen
+    with pytest.raises(RuntimeError, match="never update them"):
+        trainer.train()
+
+
+def test_mask_state_from_another_configuration_warns_and_wins():
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    saved = GradientMask(model, p_b=0.5, seed=1).state_dict()
+    mask = GradientMask(model, p_b=0.1, seed=123)
+    with pytest.warns(UserWarning, match="p_b=0.5, seed=1"):
+        mask.load_state_dict(saved)
+    assert (mask.p_b, mask.seed) == (0.5, 1)
+
+
+class _OutOfMemoryAt:
+    """Forward pre-hook raising a CPU out-of-memory error at forward call ``n`` (HF's
+    ``auto_find_batch_size`` then retries the training loop with a smaller batch)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: simulated")
+
+
+@pytest.mark.parametrize("oom_at", [1, 2])
+def test_retry_after_out_of_memory_inside_an_accumulation_window_equals_a_clean_run(tmp_path, oom_at):
+    """OOM in micro-batch 2 of 3: micro-batch 1's MPO gradient was accumulated on the banks; the
+    retried loop must start from zero, as a clean run at the retry's batch size does."""
+    def run(batch, oom_at=None):
+        torch.manual_seed(0)
+        model = moe.convert(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), MPOE, progress=False)
+        if oom_at:
+            model.transformer.register_forward_pre_hook(_OutOfMemoryAt(oom_at))
+        args = _args(tmp_path / f"{batch}-{oom_at}", max_steps=1, per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=3, auto_find_batch_size=oom_at is not None, save_strategy="no",
+                     optim="sgd", learning_rate=1e-2, weight_decay=0.0, lr_scheduler_type="constant")
+        trainer = moe.MoETrainer(model=model, args=args, train_dataset=Tokens(n=64, same=True))
+        trainer.train()
+        return model, trainer
+
+    retried, trainer = run(4, oom_at=oom_at)
+    assert trainer._train_batch_size == 3  # accelerate's retry: 4 * 0.9 rounded down
+    clean, _ = run(3)
+    _assert_same_params(retried, clean)
+
+
+def test_mask_callback_refuses_deepspeed(tmp_path):
+    model = moe.convert(tiny_gpt2(), MPOE, progress=False)
+    callback = moe.GradientMaskCallback(GradientMask(model, p_b=0.5))
+    args = _args(tmp_path, save_strategy="no")
+    args.deepspeed_plugin = object()  # what TrainingArguments sets for a DeepSpeed run (not installed here)
+    with pytest.raises(NotImplementedError, match="DeepSpeed"):
+        callback.on_train_begin(args, None, None)

@@ -112,8 +112,8 @@ def _matches(name: str, targets) -> bool:
 def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str, nn.Module]]:
     """FFN modules to convert: ``(name, module)``, outermost matches only.
 
-    Raises ``ValueError`` when ``target_modules`` matches nothing, or matches a module for
-    which no adapter is registered.
+    Raises ``ValueError`` when ``target_modules`` matches nothing, matches a module for
+    which no adapter is registered, or matches a module registered under several names.
     """
     out, taken = [], []
     candidates = [n for n, m in model.named_modules() if get_adapter(m) is not None]
@@ -135,6 +135,19 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str
                 )
             out.append((name, module))
             taken.append(name)
+    if out:
+        aliases: dict[int, list[str]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            aliases.setdefault(id(module), []).append(name)
+        shared = [(name, aliases[id(module)]) for name, module in out if len(aliases[id(module)]) > 1]
+        if shared:
+            name, names = shared[0]
+            raise ValueError(
+                f"FFN module {name!r} is one module registered under {len(names)} names {names} (weight sharing "
+                "across positions): converting it would leave a dense FFN at the other names or one MoE layer "
+                "called several times per forward (which keeps only its last call's auxiliary loss). Give each "
+                "position its own FFN (e.g. copy.deepcopy) before converting"
+            )
     if not out:
         if target_modules is None:
             raise ValueError(

@@ -26,6 +26,7 @@ a plain loop::
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -35,6 +36,10 @@ from torch import nn
 from .layer import moe_layers
 
 __all__ = ["GradientMask", "shared_parameters"]
+
+# set on a tensor while a drawn, not yet applied masked step keeps its requires_grad off, so that
+# a step that never finished (an exception) is recognized by any later mask on the same tensors
+_FROZEN_BY_MASK = "_tnmoe_frozen_by_gradient_mask"
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -69,6 +74,14 @@ def _collective_device(group) -> torch.device:
     return accelerator if accelerator is not None else torch.device("cpu")
 
 
+def _thaw(params: list[nn.Parameter]) -> int:
+    for p in params:
+        p.requires_grad_(True)
+        if hasattr(p, _FROZEN_BY_MASK):
+            delattr(p, _FROZEN_BY_MASK)
+    return len(params)
+
+
 class GradientMask:
     """Seeded Bernoulli(p_b) mask over a set of parameters' updates.
 
@@ -93,7 +106,9 @@ class GradientMask:
     before discarding them, so the kept gradients are scaled slightly differently. (Under DDP
     this needs ``find_unused_parameters=True``, the HF Trainer's default without gradient
     checkpointing.) A step that never reaches :meth:`apply` (an exception) leaves them off until
-    :meth:`release` (:class:`~tnmoe.moe.MoETrainer` calls it however training ends).
+    :meth:`release` (:class:`~tnmoe.moe.MoETrainer` calls it however training ends,
+    :class:`~tnmoe.moe.GradientMaskCallback` when the Trainer is built and when training
+    begins) or until a new mask over the same tensors is built (it switches them back on).
     ``masked_steps`` / ``steps`` count
     what happened; :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator
     and counters for exact resumption (see the module docstring).
@@ -122,6 +137,7 @@ class GradientMask:
         self.masked_steps = 0
         self._pending: bool | None = None  # drawn by begin_step, consumed by apply
         self._frozen: list[nn.Parameter] = []
+        self._thaw_abandoned()
 
     @property
     def names(self) -> list[str]:
@@ -172,6 +188,7 @@ class GradientMask:
             self._frozen = [p for p in params if p.requires_grad]
             for p in self._frozen:
                 p.requires_grad_(False)
+                setattr(p, _FROZEN_BY_MASK, True)
         return self._pending
 
     def apply(self) -> bool:
@@ -182,8 +199,7 @@ class GradientMask:
             masked = self.sample()
         else:
             masked, self._pending = self._pending, None
-            for p in self._frozen:
-                p.requires_grad_(True)
+            _thaw(self._frozen)
             self._frozen = []
         self.steps += 1
         if masked:
@@ -192,13 +208,25 @@ class GradientMask:
                 p.grad = None
         return masked
 
-    def release(self) -> None:
+    def release(self) -> int:
         """Cancel a decision :meth:`begin_step` drew and no :meth:`apply` took (a step that never
         finished: an exception, an interrupt): ``requires_grad`` comes back on the tensors it
-        switched off. The counters do not change; the next step draws a new decision."""
-        for p in self._frozen:
-            p.requires_grad_(True)
+        switched off. The counters do not change; the next step draws a new decision. Tensors
+        that another mask's unfinished step switched off come back too. Returns how many tensors
+        came back."""
+        thawed = _thaw(self._frozen) + self._thaw_abandoned(warn=False)
         self._pending, self._frozen = None, []
+        return thawed
+
+    def _thaw_abandoned(self, warn: bool = True) -> int:
+        """Switch ``requires_grad`` back on for targets that a masked step which never finished
+        left off (e.g. an interrupted run of another mask, without :meth:`release`)."""
+        mine = {id(p) for p in self._frozen}
+        stale = [p for p in self.params if getattr(p, _FROZEN_BY_MASK, False) and id(p) not in mine]
+        if stale and warn:
+            warnings.warn(f"GradientMask: {len(stale)} masked tensors still had requires_grad off from a masked "
+                          "step that never finished (an interrupted run); switched back on")
+        return _thaw(stale)
 
     def state_dict(self) -> dict:
         """``{"p_b", "seed", "steps", "masked_steps", "rng"}`` (``rng``: the generator's ``uint8``
@@ -207,7 +235,12 @@ class GradientMask:
                 "masked_steps": self.masked_steps, "rng": self._gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned: the next draws continue its sequence."""
+        """Restore what :meth:`state_dict` returned: the next draws continue its sequence. The
+        saved ``p_b`` and ``seed`` replace the constructor's (a warning says when they differ)."""
+        if float(state["p_b"]) != self.p_b or state["seed"] != self.seed:
+            warnings.warn(f"GradientMask.load_state_dict: the saved state has p_b={float(state['p_b'])}, "
+                          f"seed={state['seed']}, this mask was built with p_b={self.p_b}, seed={self.seed}; "
+                          "continuing the saved run's mask (set mask.p_b afterwards to change it)")
         self.p_b, self.seed = float(state["p_b"]), state["seed"]
         self.steps, self.masked_steps = int(state["steps"]), int(state["masked_steps"])
         self._gen.set_state(state["rng"])

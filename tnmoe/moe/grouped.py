@@ -109,15 +109,15 @@ def grouped_linear(x: torch.Tensor, W: torch.Tensor, counts: torch.Tensor | Sequ
     ``impl``: ``"grouped_mm"`` (one ``torch._grouped_mm`` call), ``"loop"`` (one matmul per
     expert with tokens) or ``"auto"`` (grouped_mm where :func:`grouped_mm_supported`, else
     loop). Under ``torch.autocast`` both operands are cast to the autocast dtype, as
-    ``nn.Linear`` does.
+    ``nn.Linear`` does (float64 ones are left alone, as autocast does).
     """
     if impl not in GROUPED_IMPLS:
         raise ValueError(f"impl must be one of {GROUPED_IMPLS}, got {impl!r}")
     if W.dim() != 3 or W.shape[-1] != x.shape[-1]:
         raise ValueError(f"W must be (E, out, {x.shape[-1]}), got {tuple(W.shape)}")
     counts = torch.as_tensor(counts, device=x.device)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, W.dtype):
+        dtype = torch.get_autocast_dtype(x.device.type)  # autocast leaves float64 alone, as for nn.Linear
         x, W = x.to(dtype), W.to(dtype)
     elif x.dtype != W.dtype:
         raise ValueError(f"grouped_linear: input dtype {x.dtype} does not match the weights' {W.dtype}")

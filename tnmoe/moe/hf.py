@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..networks import accumulate_reconstruction
+from ..networks import accumulate_reconstruction, discard_accumulation
 from .gradient_mask import GradientMask
 from .layer import auxiliary_loss, moe_layers
 
@@ -123,10 +123,44 @@ Trainer log history differs from the resumed checkpoint's), is an error, not a s
         _save_mask_state(self.mask, folder, state)
         return control
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, **kwargs):
+        if self.mask.release():  # an earlier run's unfinished masked step: before the optimizer is built
+            warnings.warn("GradientMaskCallback: a masked step that never finished had left the masked tensors "
+                          "with requires_grad off; switched back on")
+        return control
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(args, "deepspeed_plugin", None) is not None or getattr(args, "deepspeed", None):
+            raise NotImplementedError(
+                "GradientMaskCallback does not support DeepSpeed: its engine steps the optimizer inside the "
+                "backward and keeps gradients in its own partitioned buffers, so a masked step's discarded "
+                "gradient would still update the shared tensors. Use DDP or FSDP, or train without the mask"
+            )
+        frozen = [p for p in self.mask.params if not p.requires_grad]
+        if self.mask.release() and optimizer is not None:
+            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            left_out = [p for p in frozen if p.requires_grad and id(p) not in in_optimizer]
+            if left_out:
+                raise RuntimeError(
+                    f"GradientMaskCallback: {len(left_out)} masked tensors had requires_grad off when the optimizer "
+                    "was built (a masked step of an earlier run never finished), so the optimizer would never "
+                    "update them. Build a new Trainer (or call mask.release() before the optimizer is created); "
+                    "MoETrainer releases the mask however training ends"
+                )
         if state.global_step > 0:
             folder = self.resume_from or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             _load_mask_state(self.mask, Path(folder), state)
+        return control
+
+
+class _AccumulationWindowCallback(TrainerCallback):
+    """At each optimizer step's first micro-batch, drop a reconstruction-accumulation window a
+    previous step left open (its gradient would otherwise join this step's)."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and discard_accumulation(model):
+            warnings.warn("MoETrainer: discarded the MPO gradient of an optimizer step that did not finish "
+                          "(an accumulation window left open); this step starts from zero")
         return control
 
 
@@ -151,6 +185,10 @@ class MoETrainerMixin:
     """
 
     amortize_reconstruction: bool = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_AccumulationWindowCallback())
 
     def training_step(self, model, inputs, *args, **kwargs):
         if not self.amortize_reconstruction or self.args.gradient_accumulation_steps <= 1 \
@@ -179,7 +217,9 @@ class MoETrainerMixin:
         finally:
             # an exception (KeyboardInterrupt, OOM) inside a masked step would otherwise leave the
             # shared tensors with requires_grad off: every later training run (a notebook rerun,
-            # a new mask) would silently never update them
+            # a new mask) would silently never update them; an unfinished accumulation window's
+            # gradient would join the next run's first step
+            discard_accumulation(self.model)
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, GradientMaskCallback):
                     callback.mask.release()

@@ -39,11 +39,15 @@ def gate_weights(selected_probs: torch.Tensor, scaling: str) -> torch.Tensor:
 
     ``"preserve"``: ``p / p.detach() / k`` — each weight is exactly ``1/k`` in the forward pass,
     so experts that are copies of one FFN reproduce it, while the router still receives
-    gradients; ``"probs"``: ``p`` (Switch/Shazeer); ``"normalized"``: ``p / sum_k p``.
+    gradients (``d/dp = 1 / (k p)``; computed as ``(1 + (p - p.detach()) / p.detach()) / k``,
+    which stays finite when a selected probability underflows to 0); ``"probs"``: ``p``
+    (Switch/Shazeer); ``"normalized"``: ``p / sum_k p``.
     """
     k = selected_probs.shape[-1]
     if scaling == "preserve":
-        return selected_probs / selected_probs.detach() / k
+        held = selected_probs.detach()
+        tiny = torch.finfo(held.dtype).tiny
+        return (1.0 + (selected_probs - held) / held.clamp_min(tiny)) / k
     if scaling == "probs":
         return selected_probs
     if scaling == "normalized":

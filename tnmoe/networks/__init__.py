@@ -9,6 +9,7 @@ from .bank import (
     MPOBank,
     accumulate_reconstruction,
     check_input_dtype,
+    discard_accumulation,
     resolve_share,
 )
 from .blocked import matmul_permute
@@ -39,6 +40,7 @@ __all__ = [
     "MPOLinear",
     "MPOBank",
     "accumulate_reconstruction",
+    "discard_accumulation",
     "resolve_share",
     "check_input_dtype",
     "SHARE_NAMES",

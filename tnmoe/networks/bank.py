@@ -24,7 +24,7 @@ from .decompose import check_bond
 from .factorize import check_factors
 from .mpo import MPO, mpo_core_shapes
 
-__all__ = ["MPOBank", "accumulate_reconstruction", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
+__all__ = ["MPOBank", "accumulate_reconstruction", "discard_accumulation", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
 
 SHARE_NAMES = ("central", "auxiliary", "all", "none")
 RECONSTRUCT_STRATEGIES = ("auto", "batched", "loop")
@@ -411,21 +411,47 @@ def accumulate_reconstruction(module: nn.Module, *, last: bool) -> Iterator[None
             if (i + 1) % K == 0:
                 optimizer.step(); optimizer.zero_grad()
 
+    A micro-batch that raises ends its window: the gradient accumulated so far is discarded
+    (it would otherwise be added to the next optimizer step's). A window left open without an
+    error (the loop stopped before its ``last=True`` micro-batch) keeps its gradient until
+    :func:`discard_accumulation` or the next ``last=True`` micro-batch; ``optimizer.zero_grad()``
+    does not reach it.
+
     Not for activation checkpointing that re-runs MPO layers in the backward pass.
     """
     banks = [m for m in module.modules() if isinstance(m, MPOBank)]
     for bank in banks:
         bank._accumulating = "last" if last else "early"
+    ended = last
     try:
         yield
         if last:
             for bank in banks:
                 _flush_accumulated_grad(bank)
+    except BaseException:
+        ended = True  # a broken window: its earlier gradient must not reach the next step
+        raise
     finally:
         for bank in banks:
             bank._accumulating = None
-            if last:  # the next micro-batch belongs to the next optimizer step
+            if ended:  # the next micro-batch belongs to the next optimizer step
                 bank._accumulation = None
+
+
+def discard_accumulation(module: nn.Module) -> int:
+    """End every open :func:`accumulate_reconstruction` window in ``module`` without applying
+    it: the gradient its micro-batches accumulated is dropped and the next micro-batch rebuilds
+    the weights. Call it where a loop abandons a window (stops before its ``last=True``
+    micro-batch) and starts a new one, e.g. with ``optimizer.zero_grad()``. Returns the number
+    of banks whose window was open."""
+    if any(getattr(m, "_accumulating", None) is not None for m in module.modules() if isinstance(m, MPOBank)):
+        raise RuntimeError("discard_accumulation inside an accumulate_reconstruction block: call it between micro-batches")
+    open_windows = 0
+    for bank in module.modules():
+        if isinstance(bank, MPOBank) and bank._accumulation is not None:
+            bank._accumulation = None
+            open_windows += 1
+    return open_windows
 
 
 def _flush_accumulated_grad(bank: MPOBank) -> None:
