@@ -434,3 +434,75 @@ def test_contract_network_refuses_edges_to_nodes_left_out():
     with pytest.raises(ValueError, match="not in `nodes`"):
         contract_network([na], [na[0]])  # would silently sum over the bond to nb
     torch.testing.assert_close(contract_network([na, nb], [na[0], nb[1]]), a @ b)
+
+
+# --- edge cases a review found silently wrong ------------------------------------------------
+def test_one_entry_matrices_and_cores_get_finite_init_and_noise():
+    """A 1x1 matrix or a one-entry core has no sample std: init and noise must stay finite."""
+    layer = MPOLinear(in_features=1, out_features=1, m=2)
+    assert torch.isfinite(layer.weight).all() and float(layer.weight.detach().abs()) > 0
+    from tnmoe.moe import MPOExpertBank
+    W = torch.randn(3, 7)
+    mpo = MPO.from_matrix(W, in_factors=factorize(7, 3), out_factors=factorize(3, 3))
+    assert any(c.numel() == 1 for c in mpo.cores)
+    bank = MPOExpertBank(num_experts=3, in_factors=mpo.in_factors, out_factors=mpo.out_factors, share="central")
+    bank.load_mpo(mpo, noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(c).all() for c in bank.cores)
+    with torch.no_grad():
+        torch.testing.assert_close(bank.weights(), W.expand(3, 3, 7), rtol=0.1, atol=0.05)
+
+
+@pytest.mark.parametrize("share", ["central", "auxiliary", "none"])
+def test_random_init_gives_every_matrix_the_linear_std(share):
+    from tnmoe.moe import MPOExpertBank
+    torch.manual_seed(0)
+    bank = MPOExpertBank(num_experts=6, in_factors=[2, 3, 4], out_factors=[2, 2, 3], share=share)
+    with torch.no_grad():
+        stds = bank.weights().double().flatten(1).std(dim=1)
+    torch.testing.assert_close(stds, torch.full_like(stds, 1 / math.sqrt(3 * 24)), rtol=1e-5, atol=0)
+
+
+def test_to_linear_under_autocast_exports_full_precision_weights():
+    layer = MPOLinear(in_features=24, out_features=12, in_factors=[2, 3, 4], out_factors=[2, 3, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = layer.to_linear()
+    outside = layer.to_linear()
+    assert inside.weight.dtype == torch.float32
+    assert torch.equal(inside.weight, outside.weight) and torch.equal(inside.bias, outside.bias)
+
+
+def test_integer_arguments_are_not_truncated():
+    from tnmoe.networks import check_factors
+    with pytest.raises(TypeError, match="integer"):
+        check_factors(6, [6.7, 1.2])
+    with pytest.raises(TypeError, match="integer"):
+        factorize(6.0, 2)
+    with pytest.raises(ValueError, match="max_bond"):
+        MPOLinear(in_features=8, out_features=8, m=2, max_bond=True)
+    import numpy as np
+    assert factorize(np.int64(12), 2) == factorize(12, 2) and check_factors(12, (np.int64(3), 4)) == [3, 4]
+
+
+def test_weight_cache_filled_under_inference_mode_serves_autograd_later():
+    """Eval, frozen weights: an inference_mode forward fills the cache; a later forward whose input
+    requires grad (saliency) must not get the inference tensor (it cannot be saved for backward)."""
+    layer = MPOLinear(in_features=24, out_features=12, in_factors=[2, 3, 4], out_factors=[2, 3, 2],
+                      mode="reconstruct").eval().requires_grad_(False)
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        want = layer(x)
+    x.requires_grad_(True)
+    y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), want)
+    torch.testing.assert_close(x.grad, layer.weight.detach().sum(0).expand(5, 24))
+
+
+def test_out_of_range_matrix_is_an_error_when_every_core_is_shared():
+    from tnmoe.moe import MPOExpertBank
+    bank = MPOExpertBank(num_experts=2, in_factors=[2, 3], out_factors=[2, 2], share="all")
+    with pytest.raises(IndexError, match="out of range"):
+        bank.stream(torch.randn(3, 6), matrix=7)
+    with pytest.raises(IndexError, match="out of range"):
+        bank.weights([5])
+    assert bank.weights([1]).shape == (1, 4, 6)

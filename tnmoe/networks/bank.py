@@ -147,11 +147,23 @@ class MPOBank(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Random cores whose matrices have ``nn.Linear``'s weight variance ``1 / (3 in)``;
-        every matrix its own draw for stacked cores."""
+        every matrix its own draw for stacked cores. The shared cores are matrix 0's draw; each
+        later matrix's stacked cores are rescaled against them, so every matrix has that std."""
+        target = 1.0 / math.sqrt(3 * self.in_features)
+        shared: list[torch.Tensor] = []
         for j in range(self.num_matrices if any(self.batched) else 1):
-            mpo = MPO.random(self.in_factors, self.out_factors, self.bond_dims[1:-1],
-                             generator=generator, std=1.0 / math.sqrt(3 * self.in_features))
-            for k, (dst, src) in enumerate(zip(self.cores, mpo.cores)):
+            mpo = MPO.random(self.in_factors, self.out_factors, self.bond_dims[1:-1], generator=generator,
+                             std=target, dtype=torch.float64)
+            cores = list(mpo.cores)
+            if j == 0:
+                shared = cores
+            else:
+                cores = [c if b else s for c, s, b in zip(cores, shared, self.batched)]
+                W = MPO(cores).to_matrix()
+                actual = float(W.std() if W.numel() > 1 else W.abs().max())
+                per_core = (target / max(actual, 1e-300)) ** (1.0 / sum(self.batched))
+                cores = [c * per_core if b else c for c, b in zip(cores, self.batched)]
+            for k, (dst, src) in enumerate(zip(self.cores, cores)):
                 if self.batched[k]:
                     dst[j].copy_(src)
                 elif j == 0:
@@ -194,6 +206,8 @@ class MPOBank(nn.Module):
 
     def core(self, matrix: int, k: int) -> torch.Tensor:
         """Core ``k`` of ``matrix``: the shared parameter itself, or a view of the stacked one."""
+        if not -self.num_matrices <= matrix < self.num_matrices:
+            raise IndexError(f"matrix {matrix} out of range for a bank of {self.num_matrices} matrices")
         return self.cores[k][matrix] if self.batched[k] else self.cores[k]
 
     def mpo(self, matrix: int = 0) -> MPO:
@@ -228,7 +242,8 @@ class MPOBank(nn.Module):
                 dst.copy_(src.expand_as(dst))
                 if noise_std > 0:
                     noise = torch.randn(dst.shape, generator=generator, dtype=torch.float32)
-                    dst.add_(noise.to(dst) * noise_std * float(src.float().std()))
+                    spread = src.float().std() if src.numel() > 1 else src.float().abs().max()  # 1 entry: no std
+                    dst.add_(noise.to(dst) * noise_std * float(spread))
             else:
                 dst.copy_(src)
 
@@ -282,6 +297,9 @@ class MPOBank(nn.Module):
         with torch.autocast(cores[0].device.type, enabled=False):
             cores = self._work(cores)
             if not any(self.batched):
+                if matrices is not None and not isinstance(matrices, torch.Tensor) \
+                        and any(not -self.num_matrices <= int(j) < self.num_matrices for j in matrices):
+                    raise IndexError(f"matrices {list(matrices)} out of range for a bank of {self.num_matrices}")
                 return self.engine.reconstruct(cores).unsqueeze(0).expand(n, -1, -1)
             if self._strategy(cores[0].device) == "loop":
                 return torch.stack([self.engine.reconstruct([c[j] if b else c for c, b in zip(cores, self.batched)])

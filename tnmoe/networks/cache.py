@@ -42,6 +42,8 @@ class DerivedTensorCache:
     def _fresh(self, sources: Sequence[torch.Tensor], key) -> bool:
         if self._value is None or key != self._key:
             return False
+        if self._value.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # an inference tensor cannot take part in autograd outside inference_mode
         return all(torch.equal(s.detach(), snap) for s, snap in zip(sources, self._snapshot))
 
     def get(self, sources: Sequence[torch.Tensor], fn: Callable[[], torch.Tensor]) -> torch.Tensor:

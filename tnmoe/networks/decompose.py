@@ -35,7 +35,7 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 def check_bond(max_bond: int | None, rtol: float | None) -> None:
-    if max_bond is not None and (not isinstance(max_bond, int) or max_bond < 1):
+    if max_bond is not None and (not isinstance(max_bond, int) or isinstance(max_bond, bool) or max_bond < 1):
         raise ValueError(f"max_bond must be a positive integer or None, got {max_bond!r}")
     if rtol is not None and not (0.0 <= float(rtol) < 1.0):
         raise ValueError(f"rtol must be in [0, 1), got {rtol!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from functools import lru_cache
 from typing import Sequence
 
@@ -24,9 +25,21 @@ def prime_factors(n: int) -> list[int]:
     return out
 
 
+def as_int(value, what: str) -> int:
+    """``value`` as an ``int`` when it is an integer (Python, NumPy or 0-d torch); a float or a
+    bool is an error rather than silently truncated."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
 def check_factors(dim: int, factors: Sequence[int], what: str = "dimension") -> list[int]:
     """Validate user-given ``factors`` of ``dim``; returns them as a list of ints."""
-    factors = [int(f) for f in factors]
+    dim = as_int(dim, what)
+    factors = [as_int(f, f"a factor of the {what}") for f in factors]
     if len(factors) < 2:
         raise ValueError(f"an MPO needs m >= 2 local tensors, got factors {factors} for {what} {dim}")
     if any(f < 1 for f in factors):
@@ -59,8 +72,9 @@ def factorize(dim: int, m: int | Sequence[int]) -> list[int]:
 
     Factors of 1 are used only when ``dim`` has fewer than ``m`` prime factors.
     """
-    if not isinstance(m, int):
+    if not isinstance(m, int) and hasattr(m, "__len__"):
         return check_factors(dim, m)
+    dim, m = as_int(dim, "dimension"), as_int(m, "m (the number of local tensors)")
     if m < 2:
         raise ValueError(f"an MPO needs m >= 2 local tensors, got m={m}")
     if dim < 1:

@@ -150,7 +150,7 @@ class MPOLinear(MPOBank):
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         dtype=self.cores[0].dtype, device=self.cores[0].device)
         with torch.no_grad():
-            lin.weight.copy_(self.weight)
+            lin.weight.copy_(self._rebuild()[0])  # the cores' precision, whatever autocast is on
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin.train(self.training)

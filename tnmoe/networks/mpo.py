@@ -216,7 +216,8 @@ class MPO:
             scale = 1.0 / math.sqrt(bonds[k] * in_factors[k])
             cores.append(torch.randn(shape, dtype=torch.float64, generator=generator) * scale)
         if std is not None:
-            actual = float(cls(cores).to_matrix().std())
+            W = cls(cores).to_matrix()
+            actual = float(W.std() if W.numel() > 1 else W.abs().max())  # one entry: no sample std
             per_core = (std / max(actual, 1e-300)) ** (1.0 / m)
             cores = [c * per_core for c in cores]
         return cls([c.to(dtype) for c in cores])
