@@ -318,8 +318,38 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+#: the options a study sets per run (its labels); every other option is a setting its runs share
+LABEL_OPTIONS = ("--task", "--variant", "--m", "--max-bond", "--seed")
+
+
+def run_settings(result: dict) -> dict:
+    """The recipe options of a finished run other than :data:`LABEL_OPTIONS` (and
+    :data:`IGNORED_OPTIONS`), as :func:`option_values` reads them; ``{}`` without ``argv``."""
+    return {k: v for k, v in option_values(result.get("argv") or []).items() if k not in LABEL_OPTIONS}
+
+
+def check_same_settings(results: Sequence[dict], what: str) -> None:
+    """Raise :class:`StudyError` when runs to be averaged together (``what`` names them) were made
+    with different settings (e.g. seed 1 at one learning rate, seed 2 at another)."""
+    reference = None
+    for r in results:
+        if r.get("argv") is None:
+            continue
+        settings = run_settings(r)
+        if reference is None:
+            reference = (r, settings)
+        elif settings != reference[1]:
+            first, have = reference
+            diff = [f"{k}: {' '.join(map(str, have.get(k, ('(absent)',))))} in {first.get('run', '?')}, "
+                    f"{' '.join(map(str, settings.get(k, ('(absent)',))))} in {r.get('run', '?')}"
+                    for k in sorted(set(have) | set(settings)) if have.get(k) != settings.get(k)]
+            raise StudyError(f"{what}: runs made with different settings cannot be averaged ({'; '.join(diff)}); "
+                             "rerun the odd ones out with the study's settings, or move them to another --output-dir")
+
+
 def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence[str]) -> list[dict]:
-    """One row per group (same values under ``group_keys``), in order of first appearance:
+    """One row per group (same values under ``group_keys``; its runs must share every other
+    setting, :func:`check_same_settings`), in order of first appearance:
     ``<headline>_mean``/``_std`` over the group's runs (seeds), ``seeds`` (runs), the first run's
     parameter counts, ``train_seconds_mean``, ``seconds_per_step_mean`` (wall) and
     ``cpu_seconds_per_step_mean`` (process CPU time, when every run recorded it at one thread count) and ``<metric>_mean`` for every other metric of
@@ -329,6 +359,7 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
         groups.setdefault(tuple(r[k] for k in group_keys), []).append(r)
     rows = []
     for key, rs in groups.items():
+        check_same_settings(rs, "group " + ", ".join(f"{k}={v}" for k, v in zip(group_keys, key)))
         metrics = [recipe.metrics(r) for r in rs]
         m, s = mean_std([x[recipe.headline] for x in metrics])
         row = dict(zip(group_keys, key))

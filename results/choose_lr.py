@@ -22,6 +22,8 @@ def main(sweep: Path, reuse_in: Path | None = None, expect: int | None = None,
     scores: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     run_dirs: dict[tuple[str, float], list[Path]] = defaultdict(list)
     for path in sorted(sweep.glob("lr*/runs/*/results.json")):
+        if path.parent.name.startswith("."):  # a killed run's temporary folder, not a finished run
+            continue
         r = json.loads(path.read_text())
         scores[r["variant"]][r["lr"]].append(r["best_validation"])
         run_dirs[(r["variant"], r["lr"])].append(path.parent)

@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "recipes"))
 from significance import paired_bootstrap, seed_ttest  # noqa: E402
-from studies import mean_std  # noqa: E402
+from studies import check_same_settings, mean_std  # noqa: E402
 
 TASKS = ["cola", "rte", "mrpc", "stsb"]
 METRIC = {"cola": "matthews", "rte": "accuracy", "mrpc": "accuracy", "stsb": "pearson"}
@@ -69,6 +69,7 @@ def glue_table(write_json: bool = True) -> list[dict]:
             by_seed = runs.get((task, v))
             if not by_seed:
                 continue
+            check_same_settings(list(by_seed.values()), f"glue_minilm {task} {v}")
             scores = [r["test"]["tasks"][task][metric] for r in by_seed.values()]
             m, s = mean_std(scores)
             s = s if len(scores) > 1 else float("nan")  # one seed: no spread to report

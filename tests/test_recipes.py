@@ -930,8 +930,12 @@ def test_choose_lr_picks_best_validation_and_reuses_runs(tmp_path):
         (run / "results.json").write_text(json.dumps({"variant": variant, "lr": lr, "best_validation": v}))
     with pytest.raises(SystemExit, match="incomplete sweep"):
         choose_lr.main(sweep, expect=3)
+    killed = sweep / "lr0.0002" / "runs" / ".cola-dense-m5-s1.tmp-123"  # a killed run's leftover
+    killed.mkdir(parents=True)
+    (killed / "results.json").write_text(json.dumps({"variant": "dense", "lr": 2e-4, "best_validation": 0.99}))
     assert choose_lr.main(sweep, reuse_in=tmp_path, expect=2) == {"dense": 5e-5, "mpoe": 2e-4}
     assert json.loads((sweep / "chosen.json").read_text())["lr"] == {"dense": 5e-5, "mpoe": 2e-4}
+    shutil.rmtree(killed)
     reused = {p.name: json.loads((p / "results.json").read_text())["lr"] for p in (tmp_path / "runs").iterdir()}
     assert reused == {"cola-dense-m5-s1": 5e-5, "cola-mpoe-m5-s1": 2e-4}
     assert choose_lr.main(sweep, reuse_in=tmp_path, expect=2) == {"dense": 5e-5, "mpoe": 2e-4}  # idempotent
@@ -942,6 +946,36 @@ def test_choose_lr_picks_best_validation_and_reuses_runs(tmp_path):
         shutil.rmtree(d)
     with pytest.raises(SystemExit, match="incomplete sweep"):  # a family missing entirely
         choose_lr.main(sweep, expect=2)
+
+
+def test_summaries_refuse_to_average_runs_made_with_different_settings(tmp_path, monkeypatch, capsys):
+    """Seeds of one point must share every option but the labels: a seed trained at another lr (or
+    epochs) is an error in the study summary and in make_tables, never a silently mixed mean."""
+    recipe = studies.StudyRecipe("x", main=None, metrics=lambda r: {"h": r["h"]}, headline="h", task="t")
+
+    def result(seed, lr, h, variant="mpoe"):
+        argv = ["--variant", variant, "--m", "5", "--seed", str(seed), "--lr", lr, "--epochs", "3", "--quiet"]
+        return {"run": f"t-{variant}-m5-s{seed}", "variant": variant, "m": 5, "argv": argv, "h": h,
+                "total_params": 1, "active_params_per_token": 1, "train_seconds": 1.0}
+
+    same = [result(1, "5e-5", 0.5), result(2, "5e-05", 0.7), result(1, "1e-3", 0.1, variant="dense")]
+    [mpoe, dense] = studies.summarize(recipe, same, ("variant",))  # 5e-5 == 5e-05; groups may differ
+    assert mpoe["h_mean"] == pytest.approx(0.6) and mpoe["seeds"] == 2
+    mixed = [result(1, "5e-5", 0.5), result(2, "1e-3", 0.9)]
+    with pytest.raises(studies.StudyError, match=r"--lr: 5e-05 in t-mpoe-m5-s1, 0.001 in t-mpoe-m5-s2"):
+        studies.summarize(recipe, mixed, ("variant",))
+
+    sys.path.insert(0, str(ROOT / "results"))
+    import make_tables
+
+    for seed, lr in ((1, "5e-5"), (2, "1e-3")):
+        run = tmp_path / "glue_minilm" / "runs" / f"rte-mpoe-m5-s{seed}"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({"tasks": ["rte"], "variant": "mpoe", "seed": seed,
+                                                      "argv": ["--task", "rte", "--lr", lr]}))
+    monkeypatch.setattr(make_tables, "HERE", tmp_path)
+    with pytest.raises(studies.StudyError, match="glue_minilm rte mpoe"):
+        make_tables.glue_table(write_json=False)
 
 
 def test_timer_cpu_time_ignores_waiting_and_accumulates():
