@@ -221,8 +221,7 @@ class GradientMask:
     def _thaw_abandoned(self, warn: bool = True) -> int:
         """Switch ``requires_grad`` back on for targets that a masked step which never finished
         left off (e.g. an interrupted run of another mask, without :meth:`release`)."""
-        mine = {id(p) for p in self._frozen}
-        stale = [p for p in self.params if getattr(p, _FROZEN_BY_MASK, False) and id(p) not in mine]
+        stale = [p for p in self.params if getattr(p, _FROZEN_BY_MASK, False)]
         if stale and warn:
             warnings.warn(f"GradientMask: {len(stale)} masked tensors still had requires_grad off from a masked "
                           "step that never finished (an interrupted run); switched back on")

@@ -22,7 +22,7 @@ from .cache import DerivedTensorCache, inference_cache_allowed
 from .contraction import ContractionEngine, ContractionPlan, default_engine
 from .decompose import check_bond
 from .factorize import check_factors
-from .mpo import MPO, mpo_core_shapes
+from .mpo import MPO, mpo_core_shapes, scale_cores_to_std, spread
 
 __all__ = ["MPOBank", "accumulate_reconstruction", "discard_accumulation", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
 
@@ -159,10 +159,7 @@ class MPOBank(nn.Module):
                 shared = cores
             else:
                 cores = [c if b else s for c, s, b in zip(cores, shared, self.batched)]
-                W = MPO(cores).to_matrix()
-                actual = float(W.std() if W.numel() > 1 else W.abs().max())
-                per_core = (target / max(actual, 1e-300)) ** (1.0 / sum(self.batched))
-                cores = [c * per_core if b else c for c, b in zip(cores, self.batched)]
+                cores = scale_cores_to_std(cores, target, scalable=self.batched)
             for k, (dst, src) in enumerate(zip(self.cores, cores)):
                 if self.batched[k]:
                     dst[j].copy_(src)
@@ -242,8 +239,7 @@ class MPOBank(nn.Module):
                 dst.copy_(src.expand_as(dst))
                 if noise_std > 0:
                     noise = torch.randn(dst.shape, generator=generator, dtype=torch.float32)
-                    spread = src.float().std() if src.numel() > 1 else src.float().abs().max()  # 1 entry: no std
-                    dst.add_(noise.to(dst) * noise_std * float(spread))
+                    dst.add_(noise.to(dst) * noise_std * spread(src.float()))
             else:
                 dst.copy_(src)
 
@@ -437,7 +433,7 @@ def accumulate_reconstruction(module: nn.Module, *, last: bool) -> Iterator[None
 
     Not for activation checkpointing that re-runs MPO layers in the backward pass.
     """
-    banks = [m for m in module.modules() if isinstance(m, MPOBank)]
+    banks = _banks(module)
     for bank in banks:
         bank._accumulating = "last" if last else "early"
     ended = last
@@ -462,14 +458,17 @@ def discard_accumulation(module: nn.Module) -> int:
     the weights. Call it where a loop abandons a window (stops before its ``last=True``
     micro-batch) and starts a new one, e.g. with ``optimizer.zero_grad()``. Returns the number
     of banks whose window was open."""
-    if any(getattr(m, "_accumulating", None) is not None for m in module.modules() if isinstance(m, MPOBank)):
+    banks = _banks(module)
+    if any(bank._accumulating is not None for bank in banks):
         raise RuntimeError("discard_accumulation inside an accumulate_reconstruction block: call it between micro-batches")
-    open_windows = 0
-    for bank in module.modules():
-        if isinstance(bank, MPOBank) and bank._accumulation is not None:
-            bank._accumulation = None
-            open_windows += 1
-    return open_windows
+    open_windows = [bank for bank in banks if bank._accumulation is not None]
+    for bank in open_windows:
+        bank._accumulation = None
+    return len(open_windows)
+
+
+def _banks(module: nn.Module) -> list[MPOBank]:
+    return [m for m in module.modules() if isinstance(m, MPOBank)]
 
 
 def _flush_accumulated_grad(bank: MPOBank) -> None:

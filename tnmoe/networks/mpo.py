@@ -90,6 +90,22 @@ class TensorTrain:
         return f"TensorTrain(shape={self.shape}, bond_dims={self.bond_dims}, params={self.num_params()})"
 
 
+def spread(t: torch.Tensor) -> float:
+    """Sample standard deviation of ``t``'s entries; ``|t|`` for a single entry, which has none
+    (a 1x1 matrix, or a core of bond and factor dims 1)."""
+    return float(t.std() if t.numel() > 1 else t.abs().max())
+
+
+def scale_cores_to_std(cores: Sequence[torch.Tensor], std: float,
+                       scalable: Sequence[bool] | None = None) -> list[torch.Tensor]:
+    """``cores`` with the ``scalable`` ones (default all) multiplied by one common factor so that
+    the matrix they build has standard deviation ``std`` (:func:`spread`)."""
+    scalable = [True] * len(cores) if scalable is None else list(scalable)
+    actual = spread(MPO(list(cores)).to_matrix())
+    per_core = (std / max(actual, 1e-300)) ** (1.0 / sum(scalable))
+    return [c * per_core if s else c for c, s in zip(cores, scalable)]
+
+
 def _check_chain(lefts: Sequence[int], rights: Sequence[int]) -> None:
     if lefts[0] != 1 or rights[-1] != 1:
         raise ValueError(
@@ -216,10 +232,7 @@ class MPO:
             scale = 1.0 / math.sqrt(bonds[k] * in_factors[k])
             cores.append(torch.randn(shape, dtype=torch.float64, generator=generator) * scale)
         if std is not None:
-            W = cls(cores).to_matrix()
-            actual = float(W.std() if W.numel() > 1 else W.abs().max())  # one entry: no sample std
-            per_core = (std / max(actual, 1e-300)) ** (1.0 / m)
-            cores = [c * per_core for c in cores]
+            cores = scale_cores_to_std(cores, std)
         return cls([c.to(dtype) for c in cores])
 
     # -- properties ----------------------------------------------------------------------------
