@@ -112,8 +112,19 @@ class MPOExpertBank(MPOBank):
             counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
             pieces = torch.split(x, counts)
             return torch.cat([self.stream(pieces[e], e) for e in range(self.num_experts) if counts[e] > 0], 0)
-        W = self.weights_for_inference()  # cached when use_cache, else rebuilt
+        if not use_cache and not self.accumulating and not self._needs_core_grad() \
+                and not torch.compiler.is_compiling():
+            # inference without a cache (cache_weights=False or over the cache budget): rebuild
+            # only the experts that have tokens (at decode, one or a few of E)
+            counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+            active = [e for e, c in enumerate(counts) if c > 0]
+            if len(active) < self.num_experts:
+                return grouped_linear(x, self.weights(active), [counts[e] for e in active], self.grouped_impl)
+        W = self._cached_weights() if use_cache else self.weights()
         return grouped_linear(x, W, counts, self.grouped_impl)
+
+    def _needs_core_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(c.requires_grad for c in self.core_tensors())
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace("num_matrices=", "num_experts=")

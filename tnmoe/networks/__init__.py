@@ -10,10 +10,12 @@ from .bank import (
     accumulate_reconstruction,
     check_input_dtype,
     discard_accumulation,
+    frozen_weights,
     resolve_share,
+    set_weight_cache_budget,
 )
 from .blocked import matmul_permute
-from .cache import DerivedTensorCache, inference_cache_allowed
+from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed, tensor_digest
 from .contraction import (
     ContractionEngine,
     ContractionPlan,
@@ -23,6 +25,7 @@ from .contraction import (
 )
 from .decompose import SVDTruncation, lossless_bond_dims, move_center, truncate_train, tt_svd
 from .factorize import check_factors, factorize
+from .fit import FitReport, InputCovariance, MatrixFitReport, allocate_bonds, fit_mpo_bank
 from .interop import (
     contract_network,
     from_finite_mpo,
@@ -41,6 +44,10 @@ __all__ = [
     "MPOBank",
     "accumulate_reconstruction",
     "discard_accumulation",
+    "frozen_weights",
+    "set_weight_cache_budget",
+    "WeightsChangedError",
+    "tensor_digest",
     "resolve_share",
     "check_input_dtype",
     "SHARE_NAMES",
@@ -51,6 +58,11 @@ __all__ = [
     "apply_equation",
     "reconstruct_equation",
     "matmul_permute",
+    "fit_mpo_bank",
+    "allocate_bonds",
+    "InputCovariance",
+    "FitReport",
+    "MatrixFitReport",
     "factorize",
     "check_factors",
     "tt_svd",

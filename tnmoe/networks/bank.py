@@ -16,15 +16,17 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..runtime import freed_cpu_memory_retained
-from .cache import DerivedTensorCache, inference_cache_allowed
+from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed
 from .contraction import ContractionEngine, ContractionPlan, default_engine
 from .decompose import check_bond
 from .factorize import check_factors
 from .mpo import MPO, mpo_core_shapes, scale_cores_to_std, spread
 
-__all__ = ["MPOBank", "accumulate_reconstruction", "discard_accumulation", "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
+__all__ = ["MPOBank", "accumulate_reconstruction", "discard_accumulation", "frozen_weights", "set_weight_cache_budget",
+           "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
 
 SHARE_NAMES = ("central", "auxiliary", "all", "none")
 RECONSTRUCT_STRATEGIES = ("auto", "batched", "loop")
@@ -80,7 +82,9 @@ class MPOBank(nn.Module):
     Weight cache: :meth:`weights_for_inference` serves the rebuilt weights from a cache exactly
     when :func:`~tnmoe.networks.inference_cache_allowed` holds (eval mode, and no gradient can
     reach the cores) and ``cache_weights`` is on; a cached value is reused only while every core
-    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`).
+    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`): values compared with a
+    snapshot on every call, or, inside :func:`frozen_weights`, version counters and storages
+    only (O(1); edits are refused loudly).
 
     Args (keyword-only):
         num_matrices: ``E``.
@@ -140,6 +144,7 @@ class MPOBank(nn.Module):
         self.weight_cache = DerivedTensorCache()
         self._accumulating: str | None = None  # None, "early" or "last"
         self._accumulation: _Accumulation | None = None
+        self._plan_memo: tuple | None = None  # see _shape_plan
         # relative Frobenius error ||W - W_mpo|| / ||W|| of the matrix this bank was converted
         # from (set by tnmoe.moe.convert; None for banks built otherwise; not saved)
         self.conversion_error: float | None = None
@@ -175,10 +180,15 @@ class MPOBank(nn.Module):
     def m(self) -> int:
         return len(self.cores)
 
+    def core_tensors(self) -> list[torch.Tensor]:
+        """The cores in order: ``list(self.cores)`` without ``ParameterList``'s per-item lookup
+        (~1 us instead of ~15 us: this runs on every forward)."""
+        return list(self.cores._parameters.values())
+
     @property
     def core_shapes(self) -> list[tuple[int, int, int, int]]:
         """Shape ``(r, o_k, i_k, r')`` of each core of one matrix."""
-        return [tuple(c.shape[1:]) if b else tuple(c.shape) for c, b in zip(self.cores, self.batched)]
+        return [tuple(c.shape[1:]) if b else tuple(c.shape) for c, b in zip(self.core_tensors(), self.batched)]
 
     @property
     def in_factors(self) -> list[int]:
@@ -227,6 +237,24 @@ class MPOBank(nn.Module):
         return sum(p[0].numel() for p in self.stacked_parameters())
 
     @torch.no_grad()
+    def fit_matrices(self, targets: torch.Tensor, calibration, **options):
+        """Set the cores to the data-aware fit of ``targets`` ``(E, out, in)`` under
+        ``calibration`` (one, or a list of E: inputs ``(N, in)`` or
+        :class:`~tnmoe.networks.fit.InputCovariance`), keeping this bank's bonds and shared
+        cores (fitted jointly over all matrices); ``options``: of
+        :func:`~tnmoe.networks.fit.fit_mpo_bank`. Returns its :class:`~tnmoe.networks.fit.FitReport`."""
+        from .fit import fit_mpo_bank
+
+        if targets.dim() != 3 or targets.shape[0] != self.num_matrices:
+            raise ValueError(f"targets must be ({self.num_matrices}, out, in), got shape {tuple(targets.shape)}")
+        cores, report = fit_mpo_bank(list(targets), self.in_factors, self.out_factors, calibration=calibration,
+                                     bond_dims=self.bond_dims[1:-1], shared=self.shared_indices, **options)
+        for dst, src, b in zip(self.cores, cores, self.batched):
+            dst.copy_(src if b else src.reshape(dst.shape))
+        self.weight_cache.clear()
+        return report
+
+    @torch.no_grad()
     def load_mpo(self, mpo: MPO, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
         """Set every matrix to ``mpo`` (core shapes must match); stacked cores get
         ``noise_std * std(core)`` Gaussian noise so the matrices can diverge."""
@@ -260,13 +288,14 @@ class MPOBank(nn.Module):
     def _work(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [t.float() if t.dtype in _HALF else t for t in tensors]
 
-    def _out_dtype(self) -> torch.dtype:
+    def _out_dtype(self, core: torch.Tensor | None = None) -> torch.dtype:
         """The autocast dtype inside autocast (as nn.Linear's output), else the cores' dtype;
-        float64 cores stay float64 (autocast leaves float64 tensors alone)."""
-        device_type = self.cores[0].device.type
-        if torch.is_autocast_enabled(device_type) and self.cores[0].dtype != torch.float64:
+        float64 cores stay float64 (autocast leaves float64 tensors alone). ``core``: the first."""
+        core = core if core is not None else self.core_tensors()[0]
+        device_type = core.device.type
+        if torch.is_autocast_enabled(device_type) and core.dtype != torch.float64:
             return torch.get_autocast_dtype(device_type)
-        return self.cores[0].dtype
+        return core.dtype
 
     def weights(self, matrices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Dense matrices ``(E', out, in)`` for ``matrices`` (default all), differentiable with
@@ -283,7 +312,7 @@ class MPOBank(nn.Module):
 
     def _rebuild(self, matrices=None) -> torch.Tensor:
         """``(E', out, in)`` in the contraction dtype (autocast off), differentiable."""
-        cores = list(self.cores)
+        cores = self.core_tensors()
         if matrices is not None:
             idx = torch.as_tensor(matrices, dtype=torch.long, device=cores[0].device)
             cores = [c.index_select(0, idx) if b else c for c, b in zip(cores, self.batched)]
@@ -334,17 +363,36 @@ class MPOBank(nn.Module):
             return "batched" if device.type == "cuda" or retained else "loop"
         return s
 
-    def use_weight_cache(self) -> bool:
-        """Whether :meth:`weights_for_inference` may serve cached weights right now."""
-        return self.cache_weights and inference_cache_allowed(self, list(self.cores))
+    def use_weight_cache(self, cores: Sequence[torch.Tensor] | None = None) -> bool:
+        """Whether :meth:`weights_for_inference` may serve cached weights right now
+        (``cores``: :meth:`core_tensors`, when the caller has them already)."""
+        return self.cache_weights and inference_cache_allowed(self, cores if cores is not None else self.core_tensors())
 
     def weights_for_inference(self) -> torch.Tensor:
         """All matrices ``(E, out, in)``: from the cache when :meth:`use_weight_cache` holds
         (recomputed whenever a core changed), else freshly rebuilt."""
         if not self.use_weight_cache():
             return self.weights()
-        W = self.weight_cache.get(list(self.cores), self._weights_in_core_dtype)
-        return W.to(self._out_dtype())
+        return self._cached_weights()
+
+    def _cached_weights(self, cores: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`weights_for_inference` once :meth:`use_weight_cache` is known to hold."""
+        cores = cores if cores is not None else self.core_tensors()
+        W = self.weight_cache.get(cores, self._weights_in_core_dtype)
+        return W.to(self._out_dtype(cores[0]))
+
+    def _shape_plan(self, cores: Sequence[torch.Tensor]) -> tuple[int, dict[bool, float]]:
+        """``(in_features, {weight_cached: stream threshold})`` for the cores' shapes, memoized
+        per shape signature and engine (a forward at a few tokens is Python-bound)."""
+        # the engine by id (an engine object would make the module unpicklable); a reused id
+        # could only pick stream vs rebuild by another engine's estimate, never a wrong value
+        signature = (tuple(c.shape for c in cores), id(self.engine))
+        memo = self._plan_memo
+        if memo is None or memo[0] != signature:
+            shapes = self.core_shapes
+            thresholds = {cached: self.engine.stream_threshold(shapes, cached) for cached in (False, True)}
+            memo = self._plan_memo = (signature, math.prod(s[2] for s in shapes), thresholds)
+        return memo[1], memo[2]
 
     def _weights_in_core_dtype(self) -> torch.Tensor:
         with torch.autocast(self.cores[0].device.type, enabled=False):
@@ -465,6 +513,95 @@ def discard_accumulation(module: nn.Module) -> int:
     for bank in open_windows:
         bank._accumulation = None
     return len(open_windows)
+
+
+@contextlib.contextmanager
+def frozen_weights(module: nn.Module) -> Iterator[None]:
+    """Declare the weights of every :class:`MPOBank` in ``module`` unchanging inside the block,
+    so that the inference weight cache checks only version counters and storages (O(1) per
+    call) instead of comparing every core with a snapshot (a read of every core per call).
+    The decode-speed mode: wrap ``generate()`` (or a whole serving loop) in it::
+
+        model.eval()
+        with torch.inference_mode(), frozen_weights(model):
+            out = model.generate(ids, max_new_tokens=64)
+
+    Refused loudly (:class:`~tnmoe.networks.WeightsChangedError`): a core modified in place
+    (optimizer step, ``copy_``, ``load_state_dict``) or replaced (``p.data = t``,
+    ``load_state_dict(assign=True)``, ``.to(...)``) inside the block raises at the bank's next
+    cached forward, as does any optimizer step on them (fused ones bump no version counter;
+    a global optimizer step hook, registered for the block's duration, sees them); an edit
+    no version counter sees (``p.data.mul_(...)``) raises when the block ends (a SHA-256
+    digest of the cores' bytes taken at entry is compared), as does any other change. Entry and exit each read every core once; nested blocks are owned by the
+    outermost. Caches filled inside are kept for the next block (revalidated by digest there);
+    outside, the default check rebuilds them once.
+    """
+    named = [(name, m) for name, m in module.named_modules() if isinstance(m, MPOBank)]
+    owned: list[tuple[str, MPOBank]] = []
+    try:
+        for name, bank in named:
+            if not bank.weight_cache.frozen:
+                bank.weight_cache.freeze(bank.core_tensors())
+                owned.append((name, bank))
+    except BaseException:
+        for _, bank in owned:
+            bank.weight_cache.unfreeze(bank.core_tensors())
+        raise
+    # fused optimizers (fused=True) update parameters without bumping their version counters:
+    # every optimizer step inside the block that touches a frozen core is announced to its cache
+    caches = {id(core): bank.weight_cache for _, bank in owned for core in bank.cores}
+
+    def note_step(optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                cache = caches.get(id(p))
+                if cache is not None:
+                    cache.note_change(f"an optimizer step ({type(optimizer).__name__}) updated the cores")
+
+    hook = register_optimizer_step_post_hook(note_step)
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        hook.remove()
+        changed = []
+        for name, bank in owned:
+            why = bank.weight_cache.unfreeze(bank.core_tensors())
+            if why is not None:
+                changed.append(f"{name or type(bank).__name__}: {why}")
+        if changed and not failed:
+            raise WeightsChangedError(
+                "weights changed inside frozen_weights(), where outputs may have used the old ones: "
+                + "; ".join(changed) + ". Edit weights outside the block")
+
+
+def set_weight_cache_budget(module: nn.Module, budget_bytes: int | None) -> list[dict]:
+    """Bound the memory the inference weight caches of ``module``'s :class:`MPOBank`\ s may
+    hold: banks are admitted in module order while their rebuilt weights (``E * out * in``
+    elements of the cores' dtype each) fit in ``budget_bytes`` together; every other bank gets
+    ``cache_weights = False`` and its cache is emptied now, so in inference it streams tokens
+    through the cores, or rebuilds only the matrices that have tokens, per call. ``None``:
+    no bound (every bank caches). A static plan: nothing is checked per call. The checked
+    default cache also keeps a copy of the cores per cached bank (not counted; none inside
+    :func:`frozen_weights`). Returns one row per bank: ``{"name", "bytes", "cached"}``."""
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
+                                     or budget_bytes < 0):
+        raise ValueError(f"budget_bytes must be a non-negative integer or None, got {budget_bytes!r}")
+    plan, used = [], 0
+    for name, bank in module.named_modules():
+        if not isinstance(bank, MPOBank):
+            continue
+        size = bank.num_matrices * bank.out_features * bank.in_features * bank.cores[0].element_size()
+        cached = budget_bytes is None or used + size <= budget_bytes
+        used += size if cached else 0
+        bank.cache_weights = cached
+        if not cached:
+            bank.clear_cache()
+        plan.append({"name": name, "bytes": size, "cached": cached})
+    return plan
 
 
 def _banks(module: nn.Module) -> list[MPOBank]:

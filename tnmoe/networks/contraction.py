@@ -28,6 +28,8 @@ __all__ = [
     "reconstruct_equation",
     "apply_equation",
     "default_engine",
+    "stream_chain",
+    "stream_chain_flops",
 ]
 
 Shape = tuple[int, ...]
@@ -118,6 +120,7 @@ class ContractionEngine:
         self._expr = lru_cache(maxsize=cache_size)(self._expr_uncached)
         self._rebuild_method = lru_cache(maxsize=cache_size)(self._rebuild_method_uncached)
         self._threshold = lru_cache(maxsize=cache_size)(self._threshold_uncached)
+        self._stream_method = lru_cache(maxsize=cache_size)(self._stream_method_uncached)
 
     # -- cached primitives -------------------------------------------------------------------
     def _path_uncached(self, eq: str, shapes: tuple[Shape, ...]):
@@ -148,7 +151,7 @@ class ContractionEngine:
         return {"paths": self._path.cache_info(), "expressions": self._expr.cache_info()}
 
     def clear_cache(self) -> None:
-        for cache in (self._path, self._expr, self._rebuild_method, self._threshold):
+        for cache in (self._path, self._expr, self._rebuild_method, self._threshold, self._stream_method):
             cache.cache_clear()
 
     # -- MPO-specific helpers ----------------------------------------------------------------
@@ -211,14 +214,78 @@ class ContractionEngine:
         out_f = _prod(full.shape[len(lead) : len(lead) + half // 2])
         return full.reshape(*lead, out_f, -1)
 
+    def stream_method(self, core_shapes: Sequence[Shape], tokens: int = 1) -> str:
+        """How :meth:`stream` contracts ``tokens`` tokens: ``"chain"`` (:func:`stream_chain`:
+        one GEMM per core, the cores never copied) for at most :data:`CHAIN_STREAM_MAX_TOKENS`
+        tokens when its FLOPs are within :data:`CHAIN_STREAM_FLOP_MARGIN` of opt_einsum's
+        optimal path (whose tensordots copy cores into GEMM layout on every call, the dominant
+        cost at a few tokens), else ``"opt_einsum"``. Cached per shape signature."""
+        if tokens > CHAIN_STREAM_MAX_TOKENS:
+            return "opt_einsum"
+        return _constant_stream_method(self, _shapes(core_shapes))
+
+    def _stream_method_uncached(self, shapes: tuple[Shape, ...]) -> str:
+        x_shape = (1, *(s[2] for s in shapes))
+        optimal = float(self._path(apply_equation(len(shapes)), (x_shape, *shapes))[1].opt_cost)
+        return "chain" if stream_chain_flops(shapes, 1) <= optimal * CHAIN_STREAM_FLOP_MARGIN else "opt_einsum"
+
     def stream(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Apply one MPO matrix's cores to tokens ``x`` ``(N, in)`` -> ``(N, out)``."""
+        if self.stream_method([tuple(c.shape) for c in cores], x.shape[0]) == "chain":
+            return stream_chain(x, cores)
         ins = [c.shape[-2] for c in cores]
         y = self.contract(apply_equation(len(cores)), x.reshape(x.shape[0], *ins), *cores)
         return y.reshape(x.shape[0], _prod(c.shape[-3] for c in cores))  # also for 0 tokens
 
 
+#: the chain streams at most this many tokens (the small-batch decode regime; beyond it the
+#: optimal path's extra copies are amortized and its lower FLOP count wins)
+CHAIN_STREAM_MAX_TOKENS = 8
+#: chain FLOPs allowed over the optimal path's. Measured (benchmarks/bench_decode.py's MPOLinear
+#: rows, 1 token, 768x3072 bank slices): the chain at 1.4x / 1.4x / 1.7x the FLOPs (lossless /
+#: bond 64 / bond 16) ran in 0.94x / 0.52x / 0.59x the optimal path's time
+CHAIN_STREAM_FLOP_MARGIN = 2.0
+
+
+def stream_chain_flops(core_shapes: Sequence[Shape], tokens: int) -> float:
+    """FLOPs (multiply and add counted separately, as opt_einsum does) of :func:`stream_chain`."""
+    shapes = _shapes(core_shapes)
+    ins, outs = [s[2] for s in shapes], [s[1] for s in shapes]
+    total = 0.0
+    for k, (r, o, i, r2) in enumerate(shapes):
+        rows = tokens * _prod(ins[:k]) * _prod(outs[k + 1:])
+        total += 2.0 * rows * (i * r2) * (r * o)
+    return total
+
+
+def stream_chain(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``x @ W.T`` for tokens ``x`` ``(N, in)`` and one MPO matrix's cores ``(r, o_k, i_k, r')``,
+    contracted right to left with one GEMM per core against the core viewed as
+    ``(r o_k, i_k r')`` (its own memory layout: the cores are never copied; only the small
+    token state is permuted). The state holds ``(N, i_1..i_k, o_{k+1}..o_m, r_k)``-shaped
+    partial sums. Differentiable; plain tensor ops, so ``torch.compile`` traces it whole."""
+    n = x.shape[0]
+    ins = [int(c.shape[2]) for c in cores]
+    left, acc = _prod(ins), 1  # input modes not yet contracted; output modes done so far
+    state = x.reshape(n * left, 1, 1)  # (rows, i_k * r_k pending, acc) with r_m = 1
+    for core in reversed(cores):
+        r, o, i, r2 = (int(d) for d in core.shape)
+        left //= i
+        # (N*left, i, acc, r2) -> (N*left*acc, i*r2): the contracted modes last
+        state = state.reshape(n * left, i, acc, r2).transpose(1, 2).reshape(-1, i * r2)
+        state = state @ core.reshape(r * o, i * r2).t()  # (N*left*acc, r*o)
+        # -> (N*left, o, acc, r): o joins the output modes in front, r waits for the next core
+        state = state.reshape(n * left, acc, r, o).permute(0, 3, 1, 2)
+        acc *= o
+    return state.reshape(n, acc)
+
+
 # Planning results are constants for torch.compile: computed (and cached) at trace time, once.
+@torch.compiler.assume_constant_result
+def _constant_stream_method(engine: ContractionEngine, shapes: tuple[Shape, ...]) -> str:
+    return engine._stream_method(shapes)
+
+
 @torch.compiler.assume_constant_result
 def _constant_threshold(engine: ContractionEngine, shapes: tuple[Shape, ...], weight_cached: bool) -> float:
     return engine._threshold(shapes, weight_cached)

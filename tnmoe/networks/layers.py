@@ -44,7 +44,8 @@ class MPOLinear(MPOBank):
     ``W``, one matmul) by FLOP estimate for the batch (``mode="auto"``), or as forced by
     ``mode``. The rebuilt weight is served from a cache exactly when the layer is in eval mode,
     no gradient can reach the cores, and ``cache_weights=True``; the cache is reused only while
-    every core is unchanged (values compared with a snapshot), see :class:`MPOBank`.
+    every core is unchanged (values compared with a snapshot; inside
+    :func:`~tnmoe.networks.frozen_weights` version counters and storages only), see :class:`MPOBank`.
 
     Args (keyword-only):
         in_features / out_features: dense shape.
@@ -116,12 +117,18 @@ class MPOLinear(MPOBank):
         out_factors: Sequence[int] | int | None = None,
         max_bond: int | None = None,
         rtol: float | None = None,
+        calibration=None,
+        target_ratio: float | None = None,
+        fit_options: dict | None = None,
         **kwargs,
     ) -> "MPOLinear":
         """Decompose an ``nn.Linear`` (or HF ``Conv1D``) into an ``MPOLinear``.
 
         ``in_factors``/``out_factors`` are factor lists or an int m (balanced factors); lossless
-        unless ``max_bond``/``rtol`` is given. Decomposition runs in float32 or wider and the
+        unless ``max_bond``/``rtol``/``target_ratio`` is given. With ``calibration`` (the
+        layer's inputs ``(N, in)`` or an :class:`~tnmoe.networks.fit.InputCovariance`) the
+        cores are fitted to the layer's outputs (:meth:`MPO.from_matrix`); the layer's
+        ``fit_report`` then says how. Decomposition runs in float32 or wider and the
         cores are cast back to the layer's dtype. ``kwargs``: ``mode``, ``cache_weights``,
         ``engine``. The result keeps the module's training/eval mode.
         """
@@ -132,8 +139,11 @@ class MPOLinear(MPOBank):
         out_f = factorize(out_dim, out_factors if out_factors is not None else m)
         w = weight.detach()
         work = w if w.dtype in (torch.float32, torch.float64) else w.float()
-        mpo = MPO.from_matrix(work, in_f, out_f, max_bond=max_bond, rtol=rtol).to(w.dtype)
-        layer = cls.from_mpo(mpo, bias.detach() if bias is not None else None, **kwargs)
+        mpo = MPO.from_matrix(work, in_f, out_f, max_bond=max_bond, rtol=rtol, calibration=calibration,
+                              target_ratio=target_ratio, fit_options=fit_options)
+        report = getattr(mpo, "fit_report", None)
+        layer = cls.from_mpo(mpo.to(w.dtype), bias.detach() if bias is not None else None, **kwargs)
+        layer.fit_report = report  # the data-aware fit's FitReport (None: TT-SVD)
         return layer.train(module.training)
 
     # -- nn.Linear views -----------------------------------------------------------------------
@@ -161,19 +171,25 @@ class MPOLinear(MPOBank):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        cores = self.core_tensors()  # once per call: a forward at a few tokens is Python-bound
+        if torch.compiler.is_compiling():  # traced once: no memo state in the graph
+            shapes = self.core_shapes
+            in_features = math.prod(s[2] for s in shapes)
+            thresholds = {cached: self.engine.stream_threshold(shapes, cached) for cached in (False, True)}
+        else:
+            in_features, thresholds = self._shape_plan(cores)
+        if x.shape[-1] != in_features:
             raise ValueError(
-                f"MPOLinear expected inputs with {self.in_features} features (last dim), got "
+                f"MPOLinear expected inputs with {in_features} features (last dim), got "
                 f"shape {tuple(x.shape)}"
             )
-        check_input_dtype(x, self.cores[0].dtype, "MPOLinear")
+        check_input_dtype(x, cores[0].dtype, "MPOLinear")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        use_cache = self.use_weight_cache()
+        x2 = x.reshape(-1, in_features)
+        use_cache = self.use_weight_cache(cores)
         mode = self.mode
         if mode == "auto":  # inside accumulate_reconstruction the step's weights are rebuilt already
-            stream = not (self.accumulating and torch.is_grad_enabled()) and \
-                self.stream_is_cheaper(x2.shape[0], weight_cached=use_cache)
+            stream = not (self.accumulating and torch.is_grad_enabled()) and x2.shape[0] < thresholds[use_cache]
             mode = "stream" if stream else "reconstruct"
         bias = self.bias
         if mode == "stream":
@@ -181,9 +197,9 @@ class MPOLinear(MPOBank):
             if bias is not None:
                 y = y + bias.to(y.dtype)
         else:
-            W = self.weights_for_inference()[0]  # cached when use_cache, else rebuilt
+            W = (self._cached_weights(cores) if use_cache else self.weights())[0]
             y = nn.functional.linear(x2, W, bias)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         return (

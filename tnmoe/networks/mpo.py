@@ -164,18 +164,35 @@ class MPO:
         max_bond: int | None = None,
         rtol: float | None = None,
         center: int | str | None = "central",
+        *,
+        calibration=None,
+        target_ratio: float | None = None,
+        fit_options: dict | None = None,
     ) -> "MPO":
-        """TT-SVD of ``W`` (shape ``(prod(out_factors), prod(in_factors))``).
+        """TT-SVD of ``W`` (shape ``(prod(out_factors), prod(in_factors))``), or with
+        ``calibration`` the data-aware fit of :func:`tnmoe.networks.fit.fit_mpo_bank`.
 
         Args:
             W: the matrix (``nn.Linear.weight`` layout).
             in_factors / out_factors: m factors of the column / row dimension.
             max_bond: cap on every bond dimension (``None``: lossless).
-            rtol: relative Frobenius tolerance for truncation (``None``: lossless).
+            rtol: relative Frobenius tolerance for truncation (``None``: lossless; not with
+                ``calibration`` or ``target_ratio``).
             center: where to put the orthogonality centre: ``"central"`` (core ``(m-1)//2``,
                 so the central tensor carries the singular values, as in MPOE), an index, or
                 ``None`` to keep TT-SVD's left-canonical output (centre on the last core).
+            calibration: the layer's inputs ``(N, in)`` or an
+                :class:`~tnmoe.networks.fit.InputCovariance`: fit the cores to minimise the
+                output error ``||(W - Ŵ) X^T||`` instead of ``||W - Ŵ||``; the returned MPO's
+                ``fit_report`` says what the fit did.
+            target_ratio: keep this fraction of ``W``'s parameters, bonds chosen by the error
+                each costs (:func:`~tnmoe.networks.fit.allocate_bonds`; whitened by
+                ``calibration`` when given); instead of ``max_bond``.
+            fit_options: keyword arguments of ``fit_mpo_bank`` (``sweeps``, ``progress``, ...).
         """
+        if calibration is not None or target_ratio is not None:
+            return cls._from_matrix_budgeted(W, in_factors, out_factors, max_bond, rtol, center,
+                                             calibration, target_ratio, fit_options)
         if W.dim() != 2:
             raise ValueError(f"from_matrix needs a 2-d matrix, got shape {tuple(W.shape)}")
         if len(in_factors) != len(out_factors):
@@ -201,6 +218,44 @@ class MPO:
             for g, o, i in zip(cores3, out_factors, in_factors)
         ]
         return cls(cores, info, center=m - 1 if c is None else c)
+
+    @classmethod
+    def _from_matrix_budgeted(cls, W, in_factors, out_factors, max_bond, rtol, center, calibration,
+                              target_ratio, fit_options) -> "MPO":
+        from .fit import allocate_bonds, fit_mpo_bank, tt_svd_with_bonds
+
+        if rtol is not None:
+            raise ValueError("rtol does not combine with calibration= or target_ratio=: give max_bond or target_ratio")
+        if target_ratio is not None and max_bond is not None:
+            raise ValueError("give max_bond or target_ratio, not both")
+        if W.dim() != 2:
+            raise ValueError(f"from_matrix needs a 2-d matrix, got shape {tuple(W.shape)}")
+        out_dim, in_dim = W.shape
+        in_factors = check_factors(in_dim, in_factors, "input (column) dimension")
+        out_factors = check_factors(out_dim, out_factors, "output (row) dimension")
+        check_finite(W, "the matrix W")
+        work = W.detach().to(torch.float64)
+        bonds = None
+        if target_ratio is not None:
+            bonds = allocate_bonds([work], [(in_factors, out_factors)], target_ratio,
+                                   None if calibration is None else [calibration])[0]
+        report = None
+        if calibration is None:
+            cores = tt_svd_with_bonds(work, in_factors, out_factors, bonds)
+        else:
+            stacked, report = fit_mpo_bank(work, in_factors, out_factors, calibration=calibration,
+                                           max_bond=None if bonds is not None else max_bond,
+                                           bond_dims=bonds, **(fit_options or {}))
+            cores = [c[0] for c in stacked]
+        dense = work.norm()
+        error = float((MPO(cores).to_matrix() - work).norm()) if float(dense) > 0 else 0.0
+        mpo = MPO(cores, SVDTruncation([error] + [0.0] * (len(cores) - 2)))  # exact error as the bound
+        c = _resolve_center(center, mpo.m)
+        if c is not None:
+            mpo = mpo.canonicalize(c)
+        out = mpo.to(W.dtype if W.is_floating_point() else torch.float32)
+        out.fit_report = report
+        return out
 
     @classmethod
     def random(
