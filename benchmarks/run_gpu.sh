@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one command (README "Benchmarks"): the CUDA tests, then the benchmark suite on
+# The GPU check in one command (docs/benchmarks.md): the CUDA tests, then the benchmark suite on
 # the GPU, fp32 and bf16 at 4,096 / 16,384 / 65,536 tokens, `--accumulate 4`, and MPOLinear vs
 # nn.Linear and tensorly-torch. Writes results/benchmarks/*_cuda*.json and tests_cuda.log; with
 # OUT set (the device tool's output folder) it also packs them into $OUT/gpu_results.tar.gz after
@@ -8,7 +8,7 @@
 # Packages the GPU image may lack (tensorly-torch, tensorly) are installed from wheels in .whl/
 # when that folder exists (benchmarks/gpu_wheels.sh downloads them). Then, from the repo root:
 #   bash benchmarks/run_gpu.sh
-#   python results/make_tables.py benchmarks     # the README tables, GPU rows included
+#   python results/make_tables.py benchmarks     # the docs/benchmarks.md tables, GPU rows included
 # With this workplace's device tool: bash benchmarks/gpu_wheels.sh here, then run
 #   `bash benchmarks/run_gpu.sh` there with carry [".whl"] and unpack $OUT's tarball into $RES.
 # A dry run on a machine without a GPU (checks this script; writes nothing under results/):

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_io import run_main  # noqa: E402
-from variants import VariantOptions, variant_config  # noqa: E402
+from variants import VariantOptions, fit_paper_factors, variant_config  # noqa: E402
 
 import tnmoe.moe as moe  # noqa: E402
 
@@ -64,6 +64,7 @@ def table() -> list[dict]:
             model = meta_model(model_name)
             cfg = row_config(variant)
             if cfg is not None:
+                cfg = fit_paper_factors(cfg, model)
                 moe.convert(model, cfg, progress=False)
             c = moe.count_parameters(model)
             paper = PAPER.get((model_name, variant))

@@ -6,7 +6,7 @@ options) and ``param_table.py`` both build their configs with :func:`variant_con
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -77,6 +77,7 @@ def variant_config(variant: str, options: VariantOptions = _DEFAULTS) -> tuple[m
     try:
         if variant == "moe":
             return moe.MoEConfig(expert_type="dense", router="topk", top_k=2, **shared), 0.0
+        shared["top_k"] = 1
         if variant == "switch":
             return moe.MoEConfig(expert_type="dense", router="switch", **shared), 0.0
         factors = dict(PAPER_FACTORS.get(o.m, {})) if o.factors is None else o.factors
@@ -156,6 +157,16 @@ def moe_config_for(args: argparse.Namespace) -> tuple[moe.MoEConfig | None, floa
     return variant_config(args.variant, options_from_args(args))
 
 
+def fit_paper_factors(cfg: moe.MoEConfig, model: torch.nn.Module) -> moe.MoEConfig:
+    """``cfg`` with :data:`PAPER_FACTORS`' entries for dimensions ``model``'s FFNs lack dropped
+    (those dimensions get balanced factors); factors given otherwise are kept as they are, so
+    ``moe.convert`` reports one for a dimension the model lacks."""
+    if cfg.expert_type != "mpo" or cfg.factors != PAPER_FACTORS.get(cfg.m):
+        return cfg
+    dims = set(moe.ffn_dimensions(model, cfg.target_modules))
+    return replace(cfg, factors={d: f for d, f in cfg.factors.items() if d in dims})
+
+
 def prepare_model(model: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.nn.Module, moe.GradientMask | None]:
     """Convert ``model`` in place for ``args.variant``; returns ``(model, GradientMask or None)``.
     The config it was converted with is ``moe.get_moe_config(model)`` (``None`` for dense)."""
@@ -163,7 +174,7 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace) -> tuple[tor
     if cfg is None:
         return model, None
     try:
-        moe.convert(model, cfg)
+        moe.convert(model, fit_paper_factors(cfg, model))
     except ValueError as err:
         raise RecipeError(f"cannot convert {type(model).__name__}: {err}") from None
     mask = moe.GradientMask(model, p_b=p_b, seed=getattr(args, "seed", 0)) if p_b > 0 else None

@@ -1,7 +1,11 @@
-"""Print the README's markdown tables from the committed results (no numbers by hand).
+"""Print the documentation's markdown tables from the committed results (no numbers by hand).
 
     python results/make_tables.py            # all tables
-    python results/make_tables.py benchmarks # only the benchmark tables (results/benchmarks/*.json)
+    python results/make_tables.py benchmarks # the tables of docs/benchmarks.md (results/benchmarks/*.json)
+    python results/make_tables.py evidence   # the tables of docs/evidence.md (GLUE, GPT-2, factorization)
+    python results/make_tables.py decode     # the table of docs/inference.md (results/benchmarks/decode_cpu.json)
+    python results/make_tables.py architectures  # docs/architectures.md (tests/test_model_zoo.py's cases)
+Paste them into those pages; ``tests/test_recipes.py`` checks that every printed row is there.
 Also writes ``glue_minilm/comparison.json`` (the GLUE table's numbers, significance included).
 """
 
@@ -235,7 +239,78 @@ def rebuild_table(device):
         print(f"| {threads} | {mpo.replace('bond', 'bond ')} | {cells} |")
 
 
+def decode_table(path=HERE / "benchmarks" / "decode_cpu.json"):
+    """``bench_decode.py``: ms per generated token (greedy, batch 1) and MPOLinear at 1 token, vs
+    the original model / ``nn.Linear`` (the table of docs/inference.md)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"\n`bench_decode.py` on {r['device_name']} (torch {r['torch']}, {r['threads']} threads), greedy "
+          f"generate, batch 1, {r['tokens']} new tokens, medians of {r['repeats']} interleaved runs:\n")
+    print("| model | ms/token | vs original |")
+    print("|---|---|---|")
+    for x in r["rows"]:
+        if x.get("kind") == "generate":
+            print(f"| {x['model']} | {x['ms_per_token']:.1f} | {x['vs_original']:.2f}x |")
+    print("\n| MPOLinear 384 -> 1536, eval | ms/token | vs nn.Linear |")
+    print("|---|---|---|")
+    for x in r["rows"]:
+        if x.get("kind") == "linear":
+            print(f"| {x['model'].removeprefix('MPOLinear 384->1536 ')} | {x['ms_per_token']:.4f} | {x['vs_original']:.2f}x |")
+    print(f"\nEntering and leaving `frozen_weights` on the GPT-2-size lossless MPOE: {r['frozen_entry_exit_ms']:.0f} ms.")
+
+
+def checksum_table(path=HERE / "benchmarks" / "checksum_cpu.json"):
+    """``bench_checksum.py``: what the weight-file checksum costs against writing and a warm load
+    (the table of docs/checkpoints.md)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    r = json.loads(path.read_text())
+    print(f"\n`bench_checksum.py` on {r['device_name']} (torch {r['torch']}, {r['threads']} threads), a "
+          f"{r['file_gib']} GiB file in the page cache, medians of interleaved rounds:\n")
+    print("| case | s/GiB | / save_file | / warm load |")
+    print("|---|---|---|---|")
+    for x in r["rows"]:
+        print(f"| {x['case']} | {x['s_per_gib']:.3f} | {x['vs_save']:.2f}x | {x['vs_warm_load']:.2f}x |")
+
+
+def evidence_tables():
+    """The tables of docs/evidence.md (writes ``glue_minilm/comparison.json`` too)."""
+    glue_table()
+    gpt2_table()
+    factorization_table("gpt2_wikitext2/factorization.json", "test PPL")
+    factorization_table("glue_minilm/factorization_stsb/factorization.json", "STS-B Pearson")
+
+
+def architecture_table():
+    """The table of docs/architectures.md: architecture x way in x checks, from the case list of
+    ``tests/test_model_zoo.py`` (a check marked there is a test that runs for that case)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    import test_model_zoo as zoo
+
+    bank_names = {"mpo": "lossless MPO", "dense": "dense"}
+    print("| Architecture | Upcycle a dense FFN | Convert MoE experts | " + " | ".join(zoo.CHECKS) + " |")
+    print("|" + "---|" * (3 + len(zoo.CHECKS)))
+    for arch, way in dict.fromkeys((c.arch, c.way) for c in zoo.CASES):
+        cases = [c for c in zoo.CASES if (c.arch, c.way) == (arch, way)]
+        banks = ", ".join(bank_names[c.bank] for c in cases)
+        cells = []
+        for check in zoo.CHECKS:
+            runs = [c for c in cases if (c.id, check) not in zoo.NOT_APPLICABLE]
+            if len(runs) == len(cases):
+                cells.append("✓")
+            elif runs:
+                cells.append("✓ " + ", ".join(bank_names[c.bank] for c in runs))
+            else:
+                cells.append("n/a: " + zoo.NOT_APPLICABLE[(cases[0].id, check)])
+        print(f"| {arch} | {'MPOE (' + banks + ')' if way == 'upcycle' else '—'} | "
+              f"{banks if way == 'convert' else '—'} | " + " | ".join(cells) + " |")
+
+
 def benchmark_tables():
+    """The tables of docs/benchmarks.md."""
     for device in ("cpu", "cuda"):
         mpo_linear_table(device)
         moe_layer_table(device)
@@ -246,8 +321,19 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["benchmarks"]:
         benchmark_tables()
         sys.exit()
+    if sys.argv[1:] == ["evidence"]:
+        evidence_tables()
+        sys.exit()
+    if sys.argv[1:] == ["decode"]:
+        decode_table()
+        sys.exit()
+    if sys.argv[1:] == ["checksum"]:
+        checksum_table()
+        sys.exit()
+    if sys.argv[1:] == ["architectures"]:
+        architecture_table()
+        sys.exit()
     benchmark_tables()
-    glue_table()
-    gpt2_table()
-    factorization_table("gpt2_wikitext2/factorization.json", "test PPL")
-    factorization_table("glue_minilm/factorization_stsb/factorization.json", "STS-B Pearson")
+    decode_table()
+    checksum_table()
+    evidence_tables()

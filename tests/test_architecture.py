@@ -1,7 +1,10 @@
 """Architecture rules, checked on the source with ``ast`` (nothing is imported):
 
 * no import cycle among the modules of ``tnmoe/`` nor among those of ``recipes/``;
-* ``tnmoe.networks`` does not import (directly or through other modules) ``tnmoe.moe``;
+* ``tnmoe.networks`` does not import (directly or through other modules) ``tnmoe.moe`` or
+  ``tnmoe.models``; ``tnmoe.moe``'s modules do not import ``tnmoe.models`` (only the namespace
+  ``tnmoe.moe/__init__`` serves its names), and ``tnmoe.models`` imports ``tnmoe.moe``'s
+  submodules, never the namespace;
 * the recipes use tnmoe's public API only: no ``_private`` names, only names a module exports.
 
 Import graph: one node per module (a package is its ``__init__``). Every import counts, also
@@ -201,7 +204,7 @@ def _describe(cycles: list[list[str]]) -> str:
 
 
 def test_no_import_cycle_in_tnmoe():
-    assert {"tnmoe", "tnmoe.moe", "tnmoe.networks", "tnmoe.moe.convert"} <= set(TNMOE)
+    assert {"tnmoe", "tnmoe.moe", "tnmoe.networks", "tnmoe.models.convert"} <= set(TNMOE)
     cycles = find_cycles(import_graph(TNMOE))
     assert not cycles, f"import cycles in tnmoe/: {_describe(cycles)}"
 
@@ -213,20 +216,80 @@ def test_no_import_cycle_in_recipes():
     assert not cycles, f"import cycles in recipes/: {_describe(cycles)}"
 
 
-def test_networks_does_not_import_moe():
+def _in(package: str, module: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _assert_no_path(graph: Graph, sources, forbidden, what: str) -> None:
+    for module in sources:
+        bad = {dep: path for dep, path in reachable(graph, module).items() if forbidden(dep)}
+        assert not bad, f"{module} {what}: " + "; ".join(" -> ".join(p) for p in bad.values())
+
+
+def test_networks_does_not_import_moe_or_models():
     graph = import_graph(TNMOE)
-    for module in (m for m in TNMOE if m == "tnmoe.networks" or m.startswith("tnmoe.networks.")):
-        bad = {dep: path for dep, path in reachable(graph, module).items()
-               if dep == "tnmoe.moe" or dep.startswith("tnmoe.moe.")}
-        assert not bad, f"{module} imports tnmoe.moe: " + "; ".join(" -> ".join(p) for p in bad.values())
+    _assert_no_path(graph, [m for m in TNMOE if _in("tnmoe.networks", m)],
+                    lambda dep: _in("tnmoe.moe", dep) or _in("tnmoe.models", dep), "imports the MoE layer or model code")
+
+
+def test_the_moe_layer_does_not_import_model_code():
+    """``tnmoe.moe``'s modules (routers, banks, experts, dispatch, losses, mask) know nothing of
+    whole models; only the package ``__init__`` serves :mod:`tnmoe.models`' names (lazily)."""
+    graph = import_graph(TNMOE)
+    layer = [m for m in TNMOE if _in("tnmoe.moe", m) and m != "tnmoe.moe"]
+    assert {"tnmoe.moe.layer", "tnmoe.moe.banks", "tnmoe.moe.gradient_mask"} <= set(layer)
+    _assert_no_path(graph, layer, lambda dep: _in("tnmoe.models", dep), "imports model-level code")
+
+
+def test_model_code_imports_the_layer_modules_not_the_moe_namespace():
+    """``tnmoe.models`` imports ``tnmoe.moe.<module>``, never the ``tnmoe.moe`` namespace itself,
+    which serves the model code's names: importing it from there would be a cycle."""
+    graph = import_graph(TNMOE)
+    models = [m for m in TNMOE if _in("tnmoe.models", m)]
+    assert {"tnmoe.models.convert", "tnmoe.models.persistence", "tnmoe.models.adapters"} <= set(models)
+    for module in models:
+        assert "tnmoe.moe" not in graph[module], f"{module} imports the tnmoe.moe namespace; import its submodules"
+
+
+def test_every_package_imports_first_in_a_fresh_process():
+    """The lazy split between the layer and the model code holds whichever module a user imports
+    first (one fresh interpreter per entry point, run side by side)."""
+    import subprocess
+    import sys
+
+    firsts = ["tnmoe.models", "tnmoe.models.persistence", "tnmoe.models.trainer", "tnmoe.moe.layer"]
+    procs = {first: subprocess.Popen(
+        [sys.executable, "-c", f"import {first}\nimport tnmoe.moe as moe\nassert callable(moe.convert) and moe.MoETrainer"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for first in firsts}
+    failed = {}
+    for first, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            failed[first] = err[-1500:]
+    assert not failed, failed
 
 
 def _module_all(module: str) -> set[str] | None:
-    """The literal ``__all__`` of a tnmoe module, or None if it has none."""
+    """The ``__all__`` of a tnmoe module (a literal list, or a sum of literal lists bound to names
+    at the module's top level), or None if it has none."""
     tree = ast.parse(TNMOE[module].read_text(encoding="utf-8"))
+    lists: dict[str, list] = {}
+
+    def value(node: ast.expr) -> list:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            return value(node.left) + value(node.right)
+        if isinstance(node, ast.Name):
+            return lists[node.id]
+        return list(ast.literal_eval(node))
+
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
-            return set(ast.literal_eval(node.value))
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == "__all__":
+                return set(value(node.value))
+            try:
+                lists[node.targets[0].id] = value(node.value)
+            except (ValueError, KeyError, TypeError, SyntaxError):
+                pass
     return None
 
 

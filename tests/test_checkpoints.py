@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import tnmoe.moe as moe
-import tnmoe.moe.persistence as persistence
+import tnmoe.models.persistence as persistence
 from tiny_ffn import TinyFFN, tiny_ffn_registered
 from tiny_models import inputs_for, recorded_routing, tiny_bert, tiny_gpt2, tiny_t5
 from tnmoe.moe import MoEConfig
@@ -199,8 +199,10 @@ def test_unknown_format_is_rejected(tmp_path):
 
 def test_load_weights_reports_shape_mismatch(tmp_path):
     moe.save_pretrained(_converted(), tmp_path)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"n_inner: checkpoint None, model 256"):  # the config check comes first
         moe.from_pretrained(tmp_path, tiny_gpt2(n_inner=256))
+    with pytest.raises(ValueError, match="does not fit"):  # accepted config difference: the shapes still differ
+        moe.from_pretrained(tmp_path, tiny_gpt2(n_inner=256), accept_config_differences=["n_inner"])
 
 
 # --- all-or-nothing writes -------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def test_variant_configs():
 
 
 def test_paper_factors_are_factorizations():
-    assert variants.PAPER_FACTORS[5] == {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}  # as in the README
+    assert variants.PAPER_FACTORS[5] == {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}  # as in the README's quickstart
     for m, by_dim in variants.PAPER_FACTORS.items():
         for dim, fs in by_dim.items():
             assert (len(fs), math.prod(fs)) == (m, dim)
@@ -300,7 +300,7 @@ def test_param_table_json(capsys):
     param_table.main(["--json"])
     rows = json.loads(capsys.readouterr().out)
     get = {(r["model"], r["variant"]): r for r in rows}
-    # the README table's T5 rows (the paper: 223, 294, 365)
+    # the T5 rows of docs/recipes.md's parameter table (the paper: 223, 294, 365)
     assert get[("t5-base", "dense")]["total_M"] == 222.9
     assert get[("t5-base", "mpoe")]["total_M"] == 293.98
     assert get[("t5-base", "mpoe++")]["total_M"] == 365.06
@@ -802,6 +802,9 @@ def test_demo_smoke(tmp_path, capsys):
     results = demo.main(["--epochs", "1", "--max-train-samples", "16", "--max-eval-samples", "16",
                          "--output-dir", str(tmp_path)])
     assert set(results) == {"dense", "mpoe"}
+    # each model trains at its family's rate from the sweep (not one rate for both)
+    chosen = json.loads((ROOT / "results" / "glue_minilm" / "sweep" / "chosen.json").read_text())["lr"]
+    assert {v: r["lr"] for v, r in results.items()} == {v: chosen[v] for v in results}
     # MiniLM: d 384, d_ff 1536, 6 layers; MPOE with 8 experts, m = 5, balanced factors
     assert counts_of(results["mpoe"]) == expected_counts(
         "mpoe", base_total=results["dense"]["total_params"], d=384, f=1536, layers=6, experts=8,
@@ -809,6 +812,10 @@ def test_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     diff = float(out.split("max |output difference| = ")[1].split()[0])
     assert diff < 1e-4 and "== summary" in out
+    full = json.loads((ROOT / "results" / "glue_minilm" / "comparison.json").read_text())
+    for v in ("dense", "mpoe"):  # printed beside the committed full-data result
+        row = next(r for r in full if (r["task"], r["variant"]) == ("stsb", v))
+        assert f"Pearson {row['mean']:.3f} ± {row['std']:.3f} (3 seeds; 5749 rows" in out
 
 
 @pytest.mark.parametrize("variant", sorted(variants.VARIANTS))
@@ -1027,10 +1034,10 @@ def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path,
     assert "| RTE (accuracy) | mpoe | 2 |" in printed and "| 0.50 | 0.38 |" in printed
 
 
-def test_readme_evidence_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
-    """Every row make_tables prints from the committed GLUE / GPT-2 / factorization results is in the
-    README, and glue_minilm/comparison.json holds what the table is printed from (fails after a
-    run finishes until `python results/make_tables.py` is rerun and its tables are pasted)."""
+def test_docs_evidence_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
+    """Every row make_tables prints from the committed GLUE / GPT-2 / factorization results is in
+    docs/evidence.md, and glue_minilm/comparison.json holds what the table is printed from (fails
+    after a run finishes until `python results/make_tables.py evidence` is rerun and its tables are pasted)."""
     sys.path.insert(0, str(ROOT / "results"))
     import make_tables
 
@@ -1041,28 +1048,147 @@ def test_readme_evidence_tables_are_the_ones_printed_from_the_json(capsys, monke
     make_tables.factorization_table("glue_minilm/factorization_stsb/factorization.json", "STS-B Pearson")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) >= 20
-    readme = (ROOT / "README.md").read_text()
-    missing = [r for r in rows if r not in readme]
-    assert not missing, f"README lacks these rows (run `python results/make_tables.py`): {missing}"
+    page = (ROOT / "docs" / "evidence.md").read_text()
+    missing = [r for r in rows if r not in page]
+    assert not missing, f"docs/evidence.md lacks these rows (run `python results/make_tables.py evidence`): {missing}"
     committed = json.loads((ROOT / "results" / "glue_minilm" / "comparison.json").read_text())
     assert committed == json.loads(json.dumps(glue_rows)), "comparison.json is stale: run results/make_tables.py"
 
 
-def test_readme_benchmark_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
-    """Every benchmark table row in the README is a row make_tables prints from results/benchmarks."""
+@pytest.mark.parametrize("printer, page, json_name", [("decode_table", "inference.md", "decode_cpu.json"),
+                                                     ("checksum_table", "checkpoints.md", "checksum_cpu.json")])
+def test_docs_measured_tables_are_the_ones_printed_from_the_json(capsys, printer, page, json_name):
+    """docs/inference.md's decode table and docs/checkpoints.md's checksum cost are printed by
+    make_tables from the committed benchmark JSON (``python results/make_tables.py decode|checksum``)."""
+    sys.path.insert(0, str(ROOT / "results"))
+    import make_tables
+
+    assert (ROOT / "results" / "benchmarks" / json_name).is_file()
+    getattr(make_tables, printer)(ROOT / "results" / "benchmarks" / json_name)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    text = (ROOT / "docs" / page).read_text()
+    rows_in_json = len(json.loads((ROOT / "results" / "benchmarks" / json_name).read_text())["rows"])
+    assert len(rows) >= rows_in_json
+    missing = [r for r in rows if r not in text]
+    assert not missing, f"docs/{page} lacks these rows (run `python results/make_tables.py {printer[:-6]}`): {missing}"
+
+
+def test_docs_benchmark_tables_are_the_ones_printed_from_the_json(capsys, monkeypatch):
+    """Every row make_tables prints from results/benchmarks is in docs/benchmarks.md."""
     sys.path.insert(0, str(ROOT / "results"))
     import make_tables
 
     monkeypatch.setattr(make_tables, "HERE", ROOT / "results")
     make_tables.benchmark_tables()
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
     assert len(rows) >= 12
-    missing = [r for r in rows if r not in readme]
-    assert not missing, f"README lacks these rows (run `python results/make_tables.py benchmarks`): {missing}"
+    missing = [r for r in rows if r not in page]
+    assert not missing, f"docs/benchmarks.md lacks these rows (run `python results/make_tables.py benchmarks`): {missing}"
     layer = json.loads((ROOT / "results" / "benchmarks" / "moe_layer_cpu_4096.json").read_text())
     mpoe = next(r for r in layer["rows"] if r["layer"] == "tnmoe_mpoe")
-    assert f"| 4,096 tokens | {mpoe['vs_tnmoe_dense_moe']:.2f}x / {mpoe['vs_flop_floor']:.2f}x |" in readme
+    assert f"| 4,096 tokens | {mpoe['vs_tnmoe_dense_moe']:.2f}x / {mpoe['vs_flop_floor']:.2f}x |" in page
+
+
+def _readme_quickstart_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    quickstart = text.split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", quickstart, re.S)
+
+
+def test_readme_quickstart_code_blocks_run(tmp_path, monkeypatch):
+    """The README's three quickstarts (tensor networks, upcycle a model, build a layer) run as
+    written, and every value a line states in its comment (``expr  # [1, 12, ...]``) is the value."""
+    blocks = _readme_quickstart_blocks()
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)  # the upcycling quickstart saves its checkpoint in the working directory
+    stated = re.compile(r"^(\S[^#=]*?)\s+#\s+((?:torch\.Size\()?\[[\d, ]+\]\)?)", re.M)
+    checked = 0
+    threads = torch.get_num_threads()
+    # small matrices: one thread is as fast; on a CPU shared with other jobs, two threads
+    # (oversubscribed) ran these blocks 3-44x slower than one (measured, block by block)
+    torch.set_num_threads(1)
+    try:
+        for i, code in enumerate(blocks):
+            namespace = {"__name__": "__readme__"}
+            exec(compile(code, f"README.md quickstart {i + 1}", "exec"), namespace)
+            for expr, literal in stated.findall(code):
+                assert eval(expr, namespace) == eval(literal, namespace), f"README: {expr} is not {literal}"
+                checked += 1
+    finally:
+        torch.set_num_threads(threads)
+    assert checked >= 4  # bond_dims, core_sizes, factorize(3072, 5), layer.weight.shape
+    assert (tmp_path / "gpt2-mpoe" / "config.json").is_file()
+
+
+def _github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists, and a link to a
+    heading (``page.md#anchor``) names one of that page's headings (the manual moved into docs/)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 8
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path) if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+                if anchor not in {_github_anchor(h) for h in headings}:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def test_readme_layout_names_every_module():
+    """The README's Layout section names every module of tnmoe's packages (where a new one goes)."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    words = set(re.findall(r"\w+", layout))
+    modules = [f for pkg in ("networks", "moe", "models", "models/adapters")
+               for f in sorted((ROOT / "tnmoe" / pkg).glob("*.py")) if f.stem != "__init__"]
+    assert len(modules) >= 25
+    missing = [str(f.relative_to(ROOT)) for f in modules if f.stem not in words]
+    assert not missing, f"README's Layout section does not name: {missing}"
+
+
+def test_demo_uses_each_familys_swept_lr_and_the_committed_full_data_result():
+    """The demo's learning rates are the sweep's best validation score per family, and its
+    full-data column is the committed STS-B grid (both recomputed here from the runs' JSON)."""
+    import demo
+
+    results = ROOT / "results" / "glue_minilm"
+    by_lr: dict[str, dict[float, list[float]]] = {}
+    for path in (results / "sweep").glob("lr*/runs/*/results.json"):
+        r = json.loads(path.read_text())
+        by_lr.setdefault(r["variant"], {}).setdefault(r["lr"], []).append(r["best_validation"])
+    best = {v: max(lrs, key=lambda lr: statistics.mean(lrs[lr])) for v, lrs in by_lr.items()}
+    assert demo.chosen_learning_rates() == {v: best[v] for v in demo.VARIANTS}
+    full = demo.full_data_results()
+    for v in demo.VARIANTS:
+        runs = [json.loads(p.read_text()) for p in sorted((results / "runs").glob(f"stsb-{v}-m5-s*/results.json"))]
+        pearson = [r["test"]["tasks"]["stsb"]["pearson"] for r in runs]
+        assert len(runs) == 3 and full[v]["seeds"] == sorted(r["seed"] for r in runs)
+        assert full[v]["mean"] == pytest.approx(statistics.mean(pearson), rel=1e-12)
+        assert full[v]["std"] == pytest.approx(statistics.stdev(pearson), rel=1e-12)
+        assert (full[v]["train_samples"], full[v]["lr"]) == (runs[0]["train_samples"], runs[0]["lr"])
+
+
+def test_demo_without_the_sweep_result_says_how_to_proceed(tmp_path):
+    import demo
+
+    with pytest.raises(run_io.RecipeError, match="pass --lr"):
+        demo.chosen_learning_rates(tmp_path / "chosen.json")
+    (tmp_path / "chosen.json").write_text(json.dumps({"lr": {"dense": 5e-5}}))  # no MPOE family
+    with pytest.raises(run_io.RecipeError, match="pass --lr"):
+        demo.chosen_learning_rates(tmp_path / "chosen.json")
 
 
 def test_benchmark_table_labels_gpu_runs_by_dtype(tmp_path, capsys, monkeypatch):

@@ -232,7 +232,7 @@ def _ckpt_layer_model():
             return checkpoint(lambda t: self.mlp(t).tanh(), h, use_reentrant=False)
 
     model = Owner()
-    from tnmoe.moe.convert import _wire_routing_context  # the wiring convert() installs
+    from tnmoe.models.convert import _wire_routing_context  # the wiring convert() installs
     _wire_routing_context(model, MoEConfig(ignore_padding=True))
     return model.train()
 
@@ -389,7 +389,7 @@ def test_context_hooks_read_arguments_as_signature_binding_does():
     them: by keyword, by position, and never from ``*args`` when the name is keyword-only."""
     import inspect
 
-    from tnmoe.moe.convert import _ContextHooks, _positions
+    from tnmoe.models.convert import _ContextHooks, _positions
 
     def plain(input_ids=None, attention_mask=None, labels=None): ...
     def star(hidden, *extra, input_ids=None, attention_mask=None): ...

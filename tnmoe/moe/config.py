@@ -14,6 +14,11 @@ __all__ = ["MoEConfig"]
 _ROUTERS = ("switch", "topk", "hash")
 _LEARNED = ("switch", "topk")
 _EXPERTS = ("mpo", "dense")
+DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K = 8, 1
+#: fields that configure tnmoe's own router (and its losses / capacity)
+ROUTER_FIELDS = ("router", "capacity_factor", "eval_capacity_factor", "drop_tokens", "ignore_padding",
+                 "jitter_noise", "noisy_gating", "router_bias", "gate_scaling", "load_balancing_coef",
+                 "z_loss_coef", "vocab_size")
 
 
 def _int(name: str, value, low: int | None, hint: str = "") -> None:
@@ -46,8 +51,10 @@ class MoEConfig:
     """Structure of the MoE layers :func:`tnmoe.moe.convert` installs.
 
     Attributes:
-        num_experts: experts per layer.
-        top_k: experts per token (``switch`` and ``hash`` use 1).
+        num_experts: experts per layer. ``None`` (default): the model's own number when converting
+            an MoE model's experts, else 8 (:meth:`upcycling_shape`).
+        top_k: experts per token (``switch`` and ``hash`` use 1). ``None`` (default): the model's
+            when converting an MoE model's experts, else 1.
         router: ``"switch"`` (top-1, capacity), ``"topk"`` (softmax top-k, optional noise) or ``"hash"``.
         expert_type: ``"mpo"`` (factorized experts) or ``"dense"`` (plain copies: +MoE/+Switch).
         share: which MPO cores all experts share: ``"central"`` (MPOE), ``"auxiliary"``,
@@ -83,10 +90,14 @@ class MoEConfig:
     Every field is validated on construction; an option that has no effect with the chosen
     router (e.g. ``noisy_gating`` with ``router="switch"``) is an error, not silently ignored.
     Fields left at ``None`` take the router's default (filled in on construction).
+
+    Converting an MoE model's routed experts (Mixtral, Qwen-MoE, DeepSeek-V3, gpt-oss, Switch, ...)
+    keeps the model's own router: ``num_experts`` / ``top_k`` must be ``None`` or the model's, and
+    every router option (:data:`ROUTER_FIELDS`) must keep its default (:meth:`router_options_set`).
     """
 
-    num_experts: int = 8
-    top_k: int = 1
+    num_experts: int | None = None
+    top_k: int | None = None
     router: str = "switch"
     expert_type: str = "mpo"
     share: str | list[int] = "central"
@@ -125,18 +136,45 @@ class MoEConfig:
                 setattr(self, name, value)
         self.validate()
 
+    def upcycling_shape(self) -> tuple[int, int]:
+        """``(num_experts, top_k)`` for upcycling a dense FFN: the set values, else 8 and 1.
+
+        ``ValueError`` when they do not fit the router: ``top_k > 1`` needs ``router="topk"`` (a
+        config converting an MoE model may name the model's top_k with the default router, which
+        is not used there)."""
+        shape = (DEFAULT_NUM_EXPERTS if self.num_experts is None else self.num_experts,
+                 DEFAULT_TOP_K if self.top_k is None else self.top_k)
+        if self.router in ("switch", "hash") and shape[1] != 1:
+            raise ValueError(f"the {self.router} router routes each token to 1 expert; got top_k={shape[1]} "
+                             "(a dense FFN gets tnmoe's router: use router='topk' for top_k > 1)")
+        if shape[1] > shape[0]:
+            raise ValueError(f"top_k must be in [1, num_experts={shape[0]}], got {shape[1]}")
+        return shape
+
+    def router_options_set(self) -> dict[str, tuple]:
+        """Router fields (:data:`ROUTER_FIELDS`) that differ from a default config's:
+        ``{name: (value, default)}``. They configure a tnmoe router, so they contradict an MoE
+        model whose own router is kept."""
+        default = MoEConfig().to_dict()
+        mine = self.to_dict()
+        return {k: (mine[k], default[k]) for k in ROUTER_FIELDS if mine[k] != default[k]}
+
     def validate(self) -> None:
         """Check every field; raises ``ValueError`` naming the field and what it accepts."""
-        _int("num_experts", self.num_experts, 1)
-        _int("top_k", self.top_k, 1)
+        num_experts = DEFAULT_NUM_EXPERTS if self.num_experts is None else self.num_experts
+        top_k = DEFAULT_TOP_K if self.top_k is None else self.top_k
+        if self.num_experts is not None:
+            _int("num_experts", self.num_experts, 1, "or None: the model's")
+        if self.top_k is not None:
+            _int("top_k", self.top_k, 1, "or None: the model's")
         _int("m", self.m, 2, "an MPO needs at least 2 local tensors")
         _int("seed", self.seed, None)
         _choice("router", self.router, _ROUTERS)
         _choice("expert_type", self.expert_type, _EXPERTS)
-        if self.router in ("switch", "hash") and self.top_k != 1:
-            raise ValueError(f"the {self.router} router routes each token to 1 expert; got top_k={self.top_k}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.router == "hash" and top_k != 1:
+            raise ValueError(f"the hash router routes each token to 1 expert; got top_k={top_k}")
+        if top_k > num_experts and self.num_experts is not None:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if self.max_bond is not None:
             _int("max_bond", self.max_bond, 1, "None means lossless bonds")
         if isinstance(self.share, str):

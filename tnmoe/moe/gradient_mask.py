@@ -8,7 +8,11 @@ gradient step, no momentum/Adam-state update and no decoupled weight decay on th
 
 Distributed training: under ``torch.distributed`` every rank takes rank 0's decision (each rank
 draws from its own generator, then rank 0's draw is broadcast), so the shared tensors stay
-identical across ranks whatever seed each rank passed. Built from a model, the mask looks its
+identical across ranks whatever seed each rank passed. Every rank of the group must call
+:meth:`GradientMask.apply` (and :meth:`~GradientMask.begin_step`): a mask on a model that only
+some ranks train needs ``process_group=`` with just those ranks (or a group of one); when the
+other ranks never join, the broadcast fails after ``timeout`` seconds with an error saying so
+instead of blocking forever. Built from a model, the mask looks its
 tensors up by name when it applies, so parameters replaced after it was built (FSDP2
 ``fully_shard``, ``to_empty``, ``load_state_dict(assign=True)``) are the ones masked.
 
@@ -26,7 +30,9 @@ a plain loop::
 
 from __future__ import annotations
 
+import time
 import warnings
+from datetime import timedelta
 from typing import Iterable
 
 import torch
@@ -34,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .layer import moe_layers
+from .routed import routed_experts
 
 __all__ = ["GradientMask", "shared_parameters"]
 
@@ -43,10 +50,12 @@ _FROZEN_BY_MASK = "_tnmoe_frozen_by_gradient_mask"
 
 
 def shared_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every tensor shared across experts in the model's MoE layers (each listed once)."""
+    """Every tensor shared across experts in the model's MoE layers and routed experts
+    (:class:`~tnmoe.moe.routed.RoutedExperts`), each listed once."""
     seen, out = set(), []
-    for _, layer in moe_layers(model):
-        for bank in layer.experts.banks().values():
+    experts = [layer.experts for _, layer in moe_layers(model)] + [m.experts for _, m in routed_experts(model)]
+    for ffn in experts:
+        for bank in ffn.banks().values():
             for p in bank.shared_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -95,13 +104,20 @@ class GradientMask:
         seed: seed of the mask's own generator (independent of torch's global RNG). Under
             ``torch.distributed`` the decision is rank 0's whatever the other ranks' seeds.
         process_group: the group whose ranks agree on each decision (default: the world).
+        timeout: seconds a decision's broadcast waits for the group's other ranks before it
+            raises (they never called :meth:`apply`: a mask used by only some ranks). Default 30
+            minutes, like ``torch.distributed``'s gloo default; the process group is unusable
+            after such an error.
 
     Use: after ``loss.backward()`` and before ``optimizer.step()``, call :meth:`apply` (on every
     rank: it is a collective under ``torch.distributed``). Optionally call :meth:`begin_step`
     before the step's first forward: the decision is then drawn up front and, on a masked step,
     the masked tensors get no gradient at all (``requires_grad`` off for the step), so the
-    backward skips their contractions; parameters end bit-identical to drawing in
-    :meth:`apply`, unless gradients are clipped by norm: then :meth:`begin_step` leaves the
+    backward skips their contractions; parameters end as with drawing in :meth:`apply`
+    (bit-identical where the banks rebuild one matrix at a time, ``reconstruct_strategy="loop"``;
+    the ``"batched"`` strategy, chosen on CUDA or after ``retain_freed_cpu_memory()``, rebuilds
+    a frozen centre in another order, so there they agree to float rounding), unless gradients
+    are clipped by norm: then :meth:`begin_step` leaves the
     masked tensors out of the clipping norm, while :meth:`apply` (after clipping) counts them
     before discarding them, so the kept gradients are scaled slightly differently. (Under DDP
     this needs ``find_unused_parameters=True``, the HF Trainer's default without gradient
@@ -115,9 +131,13 @@ class GradientMask:
     """
 
     def __init__(self, target: nn.Module | Iterable[nn.Parameter], p_b: float = 0.5, *, seed: int = 0,
-                 process_group=None) -> None:
+                 process_group=None, timeout: float | timedelta = 1800.0) -> None:
         if not 0.0 <= float(p_b) <= 1.0:
             raise ValueError(f"p_b must be a probability in [0, 1], got {p_b}")
+        timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = float(timeout)
         self.p_b = float(p_b)
         if isinstance(target, nn.Module):
             self._model: nn.Module | None = target
@@ -173,8 +193,27 @@ class GradientMask:
             return masked
         group = self.process_group
         flag = torch.tensor([int(masked)], dtype=torch.uint8, device=_collective_device(group))
-        dist.broadcast(flag, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        work = dist.broadcast(flag, src=0 if group is None else dist.get_global_rank(group, 0), group=group,
+                              async_op=True)
+        self._wait(work, group)
         return bool(flag.item())
+
+    def _wait(self, work, group) -> None:
+        """Wait for the decision's broadcast; ``RuntimeError`` after :attr:`timeout` seconds."""
+        deadline, pause = time.monotonic() + self.timeout, 0.0
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                ranks = dist.get_world_size(group)
+                raise RuntimeError(
+                    f"GradientMask: the broadcast of this step's mask decision waited {self.timeout:g} s for the "
+                    f"other ranks of its process group ({ranks} ranks{', the world' if group is None else ''}); "
+                    "every rank of the group must call apply() (and begin_step()) each step. If only some ranks "
+                    "train this model, build the mask with process_group= a group of just those ranks "
+                    "(dist.new_group(ranks)); the process group is unusable after this error"
+                )
+            time.sleep(pause)
+            pause = min(0.01, pause * 2 or 1e-5)
+        work.wait()
 
     def begin_step(self) -> bool:
         """Draw this step's decision before its forward; if masked, switch ``requires_grad``

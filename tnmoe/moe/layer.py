@@ -134,10 +134,18 @@ class MoELayer(nn.Module):
     def _route_tokens(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """Route ``x`` ``(T, d_model)``; sets :attr:`last_aux_loss` / :attr:`last_stats`."""
         if x.shape[0] == 0:  # an empty batch: nothing to route
-            self.last_aux_loss = x.new_zeros((), dtype=torch.float32)
+            # like nn.Linear's, the empty output (and the zero auxiliary loss) stays in the autograd
+            # graph of the input and the parameters, so a training step's backward runs and gives
+            # them zero gradients; sums of empty slices, so non-finite parameters cannot make it NaN
+            anchor = x.new_zeros((), dtype=torch.float32)
+            if torch.is_grad_enabled():
+                for t in [x, *self.parameters()]:
+                    if t.requires_grad:
+                        anchor = anchor + t.reshape(-1)[:0].sum().float()
+            self.last_aux_loss = anchor
             zeros = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
             self.last_stats = RoutingStats(zeros, zeros.clone(), 0)
-            return x.new_zeros(x.shape)
+            return x.new_zeros(x.shape) + anchor.to(x.dtype)
         route = self.router(x, token_ids=token_ids)
         plan = plan_dispatch(route.expert_index, self.num_experts, self.router.capacity(x.shape[0]))
         y = self.experts(x.index_select(0, plan.token_index), plan.counts)

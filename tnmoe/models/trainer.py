@@ -30,8 +30,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..networks import accumulate_reconstruction, discard_accumulation
-from .gradient_mask import GradientMask
-from .layer import auxiliary_loss, moe_layers
+from ..moe.gradient_mask import GradientMask
+from ..moe.layer import auxiliary_loss, moe_layers
+from .persistence import prepare_transformers_save, tied_cores
 
 __all__ = ["GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "MASK_STATE_NAME"]
 
@@ -182,6 +183,10 @@ class MoETrainerMixin:
     :func:`tnmoe.networks.accumulate_reconstruction`: MPO weights are rebuilt once per optimizer
     step and their gradient reaches the cores once, at the step's last micro-batch (set
     ``amortize_reconstruction = False`` on the trainer to rebuild per micro-batch).
+
+    Checkpoints of a model with cores tied across layers (:meth:`tnmoe.networks.MPOBank.tie_cores`)
+    store each tied core once and record the ties in ``config.json``, so they reload tied
+    (``tnmoe.moe.from_pretrained``, ``AutoModel*.from_pretrained``, resuming, best-model loading).
     """
 
     amortize_reconstruction: bool = True
@@ -224,6 +229,19 @@ class MoETrainerMixin:
                 if isinstance(callback, GradientMaskCallback):
                     callback.mask.release()
 
+    def _save(self, output_dir=None, state_dict=None):
+        # transformers refuses to write tensors shared in a way it does not know (cores tied
+        # across layers): record the ties in the config and store each tied core once
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return super()._save(output_dir, state_dict=prepare_transformers_save(model, state_dict))
+
+    def _issue_warnings_after_load(self, load_result):
+        # a tied core is stored once, under its source's name: its other names are not missing
+        tied = set(tied_cores(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)))
+        if tied and getattr(load_result, "missing_keys", None) and hasattr(load_result, "_replace"):
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        return super()._issue_warnings_after_load(load_result)
+
     def auxiliary_loss_scale(self, num_items_in_batch=None) -> float:
         """Factor of the auxiliary loss in this micro-batch's loss: ``1 / accumulation steps``
         when transformers will not divide the returned loss by them, else 1 (it divides)."""
@@ -245,7 +263,38 @@ class MoETrainerMixin:
             if loss.requires_grad and not aux.requires_grad:
                 _check_aux_loss_trains(model)
             loss = loss + self.auxiliary_loss_scale(num_items_in_batch) * aux
+            own = self._model_auxiliary_term(model, outputs)
+            if own is not None:  # the MoE model's own router loss, inside outputs.loss
+                loss = loss + (self.auxiliary_loss_scale(num_items_in_batch) - self._loss_factor(num_items_in_batch)) \
+                    * torch.as_tensor(own, device=loss.device)  # a Python 0 where a stack has no sparse layer
         return (loss, outputs) if return_outputs else loss
+
+    def _model_auxiliary_term(self, model, outputs):
+        """The router loss an MoE model (Mixtral, Qwen-MoE, gpt-oss, Switch, ...) added to its own
+        ``outputs.loss`` (``None`` when it added none, or the Trainer did not use that loss). It is
+        a per-micro-batch mean, so it is reweighted like :func:`auxiliary_loss` to count once per
+        optimizer step under gradient accumulation."""
+        if getattr(self, "compute_loss_func", None) is not None or getattr(self, "label_smoother", None) is not None:
+            return None
+        if not isinstance(outputs, dict) or outputs.get("loss") is None:
+            return None
+        unwrapped = self.accelerator.unwrap_model(model)
+        if outputs.get("aux_loss") is not None and hasattr(unwrapped, "router_aux_loss_coef"):
+            return unwrapped.router_aux_loss_coef * outputs["aux_loss"]
+        if outputs.get("encoder_aux_loss") is not None and hasattr(unwrapped, "router_z_loss_coef"):  # Switch
+            aux = outputs["encoder_aux_loss"] + outputs["decoder_aux_loss"]
+            z = outputs["encoder_z_loss"] + outputs["decoder_z_loss"]
+            return unwrapped.router_aux_loss_coef * aux + unwrapped.router_z_loss_coef * z
+        return None
+
+    def _loss_factor(self, num_items_in_batch) -> float:
+        """The factor transformers' ``compute_loss`` applied to the model's loss (the number of
+        processes under ``average_tokens_across_devices``, else 1)."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and (
+                getattr(self, "model_accepts_loss_kwargs", False) or getattr(self, "compute_loss_func", None)):
+            return float(self.accelerator.num_processes // getattr(self, "get_tp_size", lambda: 1)() if self.args.n_gpu <= 1
+                         else self.args.n_gpu)
+        return 1.0
 
 
 def _first_attr(obj, *names):

@@ -14,42 +14,50 @@ from tqdm.auto import tqdm
 from ..networks import MPO, factorize
 from ..networks.decompose import check_finite
 from .adapters import FFNSpec, get_adapter, registered_adapters
-from .config import MoEConfig
+from ..moe.config import MoEConfig
+from .calibration import collect_ffn_covariances
 from .hf_config import mark_hf_config
-from .banks import DenseExpertBank, MPOExpertBank
-from .experts import ExpertFFN
-from .context import RoutingContext
-from .layer import MoELayer, moe_layers
-from .routers import HashRouter, SwitchRouter, TopKRouter
+from ..moe.banks import DenseExpertBank, MPOExpertBank
+from ..moe.experts import ExpertFFN
+from ..moe.context import RoutingContext
+from ..moe.layer import MoELayer, moe_layers
+from ..moe.routers import HashRouter, SwitchRouter, TopKRouter
+from ..moe.routed import RoutedExperts
+from .routed import build_routed_experts, check_routed_config, verify_dense_extraction, verify_experts_extraction
 
 __all__ = ["build_moe_layer", "convert", "find_target_modules", "get_moe_config", "converted_modules",
-           "ParameterCount", "count_parameters", "print_trainable_parameters", "conversion_errors"]
+           "ParameterCount", "count_parameters", "print_trainable_parameters", "conversion_errors", "ffn_dimensions"]
 
 
 def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
+    num_experts, top_k = config.upcycling_shape()
     if config.router == "switch":
-        return SwitchRouter(d_model=d_model, num_experts=config.num_experts,
+        return SwitchRouter(d_model=d_model, num_experts=num_experts,
                             capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,
                             eval_capacity_factor=config.eval_capacity_factor, jitter_noise=config.jitter_noise, bias=config.router_bias,
                             gate_scaling=config.gate_scaling)
     if config.router == "topk":
-        return TopKRouter(d_model=d_model, num_experts=config.num_experts, top_k=config.top_k,
+        return TopKRouter(d_model=d_model, num_experts=num_experts, top_k=top_k,
                           noisy_gating=config.noisy_gating, bias=config.router_bias,
                           capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,
                           eval_capacity_factor=config.eval_capacity_factor, gate_scaling=config.gate_scaling)
-    return HashRouter(num_experts=config.num_experts, vocab_size=config.vocab_size, seed=seed,
+    return HashRouter(num_experts=num_experts, vocab_size=config.vocab_size, seed=seed,
                       capacity_factor=config.capacity_factor, drop_tokens=config.drop_tokens,
                       eval_capacity_factor=config.eval_capacity_factor)
 
 
 def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained",
-                    generator: torch.Generator | None = None, seed: int | None = None) -> MoELayer:
+                    generator: torch.Generator | None = None, seed: int | None = None,
+                    calibration: dict | None = None, fit_options: dict | None = None) -> MoELayer:
     """An :class:`MoELayer` shaped after ``spec``; with ``init="pretrained"`` every expert starts
     as the MPO decomposition (or copy) of the pretrained matrices, ``"empty"`` leaves the
-    weights uninitialized (to be loaded from a checkpoint). Meta tensors give a meta layer."""
+    weights uninitialized (to be loaded from a checkpoint). Meta tensors give a meta layer.
+    ``calibration``: ``{"up"/"down"/"gate": InputCovariance}`` of the FFN's matrices: truncated
+    MPO experts are then fitted to the matrices' outputs (``tnmoe.networks.fit``) instead of
+    TT-SVD; ``fit_options`` go to that fit."""
     if init not in ("pretrained", "empty"):
         raise ValueError(f"init must be 'pretrained' or 'empty', got {init!r}")
-    E = config.num_experts
+    E = config.upcycling_shape()[0]
     d_model = spec.d_model
     dtype, device = spec.up.dtype, spec.up.device
     if spec.down.dtype != dtype:  # e.g. T5 loaded in float16 keeps `wo` in float32 against overflow
@@ -59,7 +67,7 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
     meta = spec.up.is_meta
     load = init == "pretrained" and not meta
 
-    def bank(W: torch.Tensor):
+    def bank(W: torch.Tensor, role: str):
         out_dim, in_dim = W.shape
         if config.expert_type == "dense":
             if load:
@@ -77,15 +85,17 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
         if load:
             w = W.detach()
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-            mpo = MPO.from_matrix(w, in_f, out_f, max_bond=config.max_bond)
+            cov = calibration.get(role) if calibration and config.max_bond is not None else None
+            mpo = MPO.from_matrix(w, in_f, out_f, max_bond=config.max_bond, calibration=cov, fit_options=fit_options)
+            b.fit_report = getattr(mpo, "fit_report", None)  # data-aware fit's FitReport (None: TT-SVD)
             b.load_mpo(mpo, config.init_noise, generator)
             w64 = w.double()
             b.conversion_error = float((mpo.to_matrix().double() - w64).norm() / w64.norm().clamp_min(1e-300))
         return b
 
     experts = ExpertFFN(
-        up=bank(spec.up), down=bank(spec.down),
-        gate=bank(spec.gate) if spec.gate is not None else None,
+        up=bank(spec.up, "up"), down=bank(spec.down, "down"),
+        gate=bank(spec.gate, "gate") if spec.gate is not None else None,
         activation=spec.activation, up_bias=spec.up_bias is not None,
         down_bias=spec.down_bias is not None, dropout=spec.inner_dropout,
     )
@@ -112,6 +122,9 @@ def _matches(name: str, targets) -> bool:
 def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str, nn.Module]]:
     """FFN modules to convert: ``(name, module)``, outermost matches only.
 
+    With ``target_modules=None`` a model with routed experts (an MoE model) gives its experts
+    modules only; its dense MLPs (shared experts, dense first layers) only when named.
+
     Raises ``ValueError`` when ``target_modules`` matches nothing, matches a module for
     which no adapter is registered, or matches a module registered under several names.
     """
@@ -135,6 +148,8 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str
                 )
             out.append((name, module))
             taken.append(name)
+    if target_modules is None and any(get_adapter(m).routed_experts for _, m in out):
+        out = [(n, m) for n, m in out if get_adapter(m).routed_experts]
     if out:
         aliases: dict[int, list[str]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
@@ -162,7 +177,7 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str
 
 
 def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
-            progress: bool = True) -> nn.Module:
+            progress: bool = True, calibration=None, fit_options: dict | None = None) -> nn.Module:
     """Replace the model's FFNs (``config.target_modules``) by MoE layers, in place.
 
     Each expert starts from the pretrained FFN (MPO-decomposed for ``expert_type="mpo"``);
@@ -173,11 +188,18 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     FFN's name (:func:`get_moe_config`, :func:`converted_modules`); a transformers model's
     config records them too, so ``model.save_pretrained`` checkpoints reload with
     :func:`tnmoe.moe.from_pretrained`. Returns the model.
+
+    ``calibration``: an iterable of batches (dicts of model inputs, or input tensors). When
+    ``max_bond`` truncates MPO experts, the batches run through the model first (hooks stream
+    each FFN matrix's input second moment, padding left out, no activations kept) and the
+    experts are fitted to the matrices' outputs instead of TT-SVD
+    (:func:`tnmoe.networks.fit.fit_mpo_bank`, options in ``fit_options``); each bank's
+    ``fit_report`` records the errors. Ignored, with a warning, where nothing is truncated.
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a tnmoe.moe.MoEConfig, got {type(config).__name__}")
     config.validate()
-    existing = moe_layers(model)
+    existing = _tnmoe_modules(model)
     if existing:
         raise ValueError(
             f"this model is already converted ({len(existing)} MoE layers); convert the "
@@ -189,19 +211,37 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
         modules = dict(model.named_modules())
         for name, _ in targets:
             _context_owner(modules, name, context_inputs)
+    covariances = _calibrate(model, targets, config, init, calibration, progress)
     gen = torch.Generator().manual_seed(config.seed)
     built = []
     for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
         adapter = get_adapter(module)
         try:
-            spec = adapter.extract(module)
-            layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i)
+            if adapter.routed_experts:
+                espec = _extract(model, name, module)
+                check_routed_config(config, espec, name, loading=init == "empty" or espec.up.is_meta)
+                if init == "pretrained":
+                    verify_experts_extraction(name, module, espec)
+                layer = build_routed_experts(espec, config, init=init)
+            else:
+                spec = adapter.extract(module)
+                if adapter.verify_by_probe and init == "pretrained":
+                    verify_dense_extraction(name, module, spec)
+                layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i,
+                                        calibration=covariances.get(name), fit_options=fit_options)
         except ValueError as err:
             raise ValueError(f"cannot convert {name!r} (model left unchanged): {err}") from None
         layer.train(module.training)
         layer.moe_config = config
         layer.converted_from = name
         built.append((name, module, adapter, layer))
+    if config.factors:  # a factorization for a dimension no converted FFN has is a typo, not a no-op
+        dims = sorted({d for *_, layer in built for bank in layer.modules() if isinstance(bank, MPOExpertBank)
+                       for d in (bank.in_features, bank.out_features)})
+        unused = sorted(set(config.factors) - set(dims))
+        if unused:
+            raise ValueError(f"MoEConfig.factors has entries for dimensions {unused}, which no converted FFN matrix "
+                             f"has (model left unchanged); the FFN matrices' dimensions are {dims}")
     for name, module, adapter, layer in built:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -213,18 +253,41 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     return model
 
 
+def _calibrate(model: nn.Module, targets, config: MoEConfig, init: str, calibration, progress: bool) -> dict:
+    """Per target name, its matrices' input second moments (empty when nothing is fitted)."""
+    if calibration is None:
+        return {}
+    if config.expert_type != "mpo" or config.max_bond is None or init != "pretrained":
+        warnings.warn("calibration= ignored: it fits truncated MPO experts (expert_type='mpo', max_bond set, "
+                      "init='pretrained'); this conversion is exact or loads no pretrained weights")
+        return {}
+    routed = [name for name, module in targets if get_adapter(module).routed_experts]
+    if routed:
+        raise ValueError(f"calibration= is not supported for routed-expert FFNs ({routed[:3]}); convert them "
+                         "without calibration (model left unchanged)")
+    try:
+        return collect_ffn_covariances(model, targets, calibration, progress=progress)
+    except ValueError as err:
+        raise ValueError(f"{err} (model left unchanged)") from None
+
+
 def get_moe_config(model: nn.Module) -> MoEConfig | None:
     """The :class:`MoEConfig` ``model`` was converted with (``None`` if it has no MoE layer that
     :func:`convert` installed). Works through wrappers (DDP, ``torch.compile``, ...)."""
-    for _, layer in moe_layers(model):
+    for _, layer in _tnmoe_modules(model):
         if layer.moe_config is not None:
             return layer.moe_config
     return None
 
 
+def _tnmoe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """What :func:`convert` installs: :class:`MoELayer` and :class:`RoutedExperts` modules, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (MoELayer, RoutedExperts))]
+
+
 def converted_modules(model: nn.Module) -> list[str]:
     """Names (relative to the model :func:`convert` was called on) of the converted FFNs."""
-    return [layer.converted_from for _, layer in moe_layers(model) if layer.converted_from is not None]
+    return [layer.converted_from for _, layer in _tnmoe_modules(model) if layer.converted_from is not None]
 
 
 def _accepts(module: nn.Module, *names: str) -> bool:
@@ -335,6 +398,30 @@ class ParameterCount:
         return {k: round(v / 1e6, 2) for k, v in self.__dict__.items() if k != "moe_layers"}
 
 
+def _extract(model: nn.Module, name: str, module: nn.Module):
+    """What the adapter of FFN ``name`` (``module``) reads: an experts spec for a pretrained MoE's
+    experts module (which also reads its parent, the MoE block), else an :class:`FFNSpec`."""
+    adapter = get_adapter(module)
+    if adapter.routed_experts:
+        parent_name = name.rpartition(".")[0]
+        return adapter.extract_experts(module, model.get_submodule(parent_name) if parent_name else model)
+    return adapter.extract(module)
+
+
+def ffn_dimensions(model: nn.Module, target_modules=None) -> list[int]:
+    """The dimensions (sorted, each once) of the FFN matrices :func:`convert` would factorize for
+    ``target_modules`` (default: every FFN with an adapter), i.e. the keys ``MoEConfig.factors``
+    may have: a preset covering more dimensions is restricted with
+    ``{d: f for d, f in factors.items() if d in ffn_dimensions(model)}``."""
+    dims: set[int] = set()
+    for name, module in find_target_modules(model, target_modules):
+        spec = _extract(model, name, module)
+        for matrix in (spec.up, spec.down, spec.gate):
+            if matrix is not None:
+                dims.update(int(d) for d in matrix.shape[-2:])
+    return sorted(dims)
+
+
 def conversion_errors(model: nn.Module) -> dict[str, float]:
     """Relative Frobenius error ``||W - W_mpo|| / ||W||`` of every MPO expert bank against the
     pretrained matrix it was decomposed from at :func:`convert` (before ``init_noise``), by bank
@@ -349,15 +436,17 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     shared = per_expert = router = inactive = 0
-    layers = moe_layers(model)
+    layers = _tnmoe_modules(model)
     for _, layer in layers:
         ex = layer.experts
         own = sum(b.num_params_per_expert() for b in ex.banks().values())
-        own += sum(b.shape[1] for b in (ex.up_bias, ex.down_bias) if b is not None)
+        own += sum(b.shape[1] for b in (ex.up_bias, ex.down_bias, ex.gate_bias) if b is not None)
         shared += sum(b.num_shared_params() for b in ex.banks().values())
         per_expert += own
-        router += sum(p.numel() for p in layer.router.parameters())
-        inactive += (layer.num_experts - layer.router.top_k) * own
+        if isinstance(layer, MoELayer):  # RoutedExperts: the model's router is counted as a plain parameter
+            router += sum(p.numel() for p in layer.router.parameters())
+        top_k = layer.router.top_k if isinstance(layer, MoELayer) else layer.top_k
+        inactive += (layer.num_experts - top_k) * own
     return ParameterCount(total, trainable, shared, per_expert, router, total - inactive, len(layers))
 
 

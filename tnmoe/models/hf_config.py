@@ -18,7 +18,7 @@ checkpoint in ``config.json``:
   ``from_dict`` builds the base config (``CONFIG_MAPPING[base_model_type]``) as its ``Tnmoe*``
   subclass and registers, for every ``AutoModel*`` class whose mapping has the base config, a
   subclass of the base model class whose ``__init__`` converts the freshly built model
-  (:func:`tnmoe.moe.persistence.tnmoe_model_class`; weights left empty), so transformers' loader
+  (:func:`tnmoe.models.persistence.tnmoe_model_class`; weights left empty), so transformers' loader
   fills in the trained weights: ``AutoModelForCausalLM.from_pretrained(dir)`` returns the
   trained MoE model.
 
@@ -40,9 +40,9 @@ from typing import Callable
 
 from torch import nn
 
-from .config import MoEConfig
+from ..moe.config import MoEConfig
 
-__all__ = ["HF_CONFIG_KEY", "FORMAT", "MODEL_TYPE", "mark_hf_config", "conversion_record", "check_record",
+__all__ = ["HF_CONFIG_KEY", "FORMAT", "MODEL_TYPE", "TIED_CORES_KEY", "WEIGHT_FILES_KEY", "WEIGHT_CHECKSUM", "mark_hf_config", "conversion_record", "check_record",
            "attach_record", "tnmoe_config_class", "register_auto_classes", "ensure_auto_registration"]
 
 #: attribute of the transformers config (and key of ``config.json``) holding the conversion record
@@ -51,6 +51,14 @@ HF_CONFIG_KEY = "tnmoe"
 FORMAT = "tnmoe-1"
 #: ``model_type`` written into ``config.json`` of converted transformers models
 MODEL_TYPE = "tnmoe"
+#: record key (optional): ``{tied core: core it is tied to}`` parameter names, written at save time
+TIED_CORES_KEY = "tied_cores"
+#: record key (optional): ``{weight file name: {"xxh3_128": hex, "bytes": size}}``, written with the
+#: weights by ``tnmoe.moe.save_pretrained``; never kept in a config in memory (a later
+#: transformers ``save_pretrained`` writes other weights)
+WEIGHT_FILES_KEY = "weight_files"
+#: the checksum each ``weight_files`` entry records (see :mod:`tnmoe.models.persistence`)
+WEIGHT_CHECKSUM = "xxh3_128"
 
 _AUTO_CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 _RECORD_KEYS = ("moe_config", "moe_modules", "base_model_class")
@@ -88,6 +96,15 @@ def check_record(record, where: str) -> dict:
     missing = [k for k in _RECORD_KEYS if k not in record]
     if missing:
         raise ValueError(f"{where}: the tnmoe record lacks {missing}; the checkpoint is damaged, re-save it")
+    ties = record.get(TIED_CORES_KEY, {})
+    if not isinstance(ties, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items()):
+        raise ValueError(f"{where}: the tnmoe record's {TIED_CORES_KEY!r} must map parameter names to parameter "
+                         "names; the checkpoint is damaged, re-save it")
+    files = record.get(WEIGHT_FILES_KEY, {})
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get(WEIGHT_CHECKSUM), str)
+                                              and isinstance(v.get("bytes"), int) for v in files.values()):
+        raise ValueError(f"{where}: the tnmoe record's {WEIGHT_FILES_KEY!r} must map file names to "
+                         f"{{{WEIGHT_CHECKSUM!r}: hex, 'bytes': size}}; the checkpoint is damaged, re-save it")
     return record
 
 
@@ -107,11 +124,13 @@ def mark_hf_config(model: nn.Module, config: MoEConfig, modules: list[str]) -> N
         loader.register_base(type(hf_config)._tnmoe_base_config)
 
 
-def attach_record(hf_config, record: dict) -> None:
+def attach_record(hf_config, record: dict, *, keep_checksums: bool = False) -> None:
     """Store ``record`` on the transformers config ``hf_config`` and switch its class to the
-    ``Tnmoe*`` subclass of its class (in place; the in-memory ``model_type`` is unchanged)."""
+    ``Tnmoe*`` subclass of its class (in place; the in-memory ``model_type`` is unchanged).
+    The weight file checksums are dropped unless ``keep_checksums`` (a config being written
+    with those very files)."""
     base = getattr(type(hf_config), "_tnmoe_base_config", type(hf_config))
-    record = dict(record)
+    record = {k: v for k, v in record.items() if keep_checksums or k != WEIGHT_FILES_KEY}
     record.setdefault("base_model_type", base.model_type)
     hf_config.__class__ = tnmoe_config_class(base)
     setattr(hf_config, HF_CONFIG_KEY, record)
@@ -124,6 +143,8 @@ def _config_init(self, **kwargs):
     record = kwargs.get(HF_CONFIG_KEY)
     if record is not None:
         check_record(record, f"{type(self).__name__}({HF_CONFIG_KEY}=...)")
+        # the checksums belong to the files read, not to this config (which may be saved with other weights)
+        kwargs[HF_CONFIG_KEY] = {k: v for k, v in record.items() if k != WEIGHT_FILES_KEY}
     type(self)._tnmoe_base_config.__init__(self, **kwargs)
 
 
@@ -210,7 +231,7 @@ def _loader_config_class(model_class_for: ModelClassFactory):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     class TnmoeConfig(PretrainedConfig):
-        """Loader for ``model_type: tnmoe`` checkpoints (see :mod:`tnmoe.moe.hf_config`)."""
+        """Loader for ``model_type: tnmoe`` checkpoints (see :mod:`tnmoe.models.hf_config`)."""
 
         model_type = MODEL_TYPE
 
@@ -300,8 +321,8 @@ def ensure_auto_registration(model_class_for: ModelClassFactory) -> None:
     """Register ``"tnmoe"`` with ``AutoConfig`` now if transformers' ``configuration_auto`` is
     imported, else once it is (import hook); ``AutoModel*`` classes then build
     ``model_class_for(M, base_config)`` for converted checkpoints of base model class ``M``.
-    Called on ``import tnmoe.moe`` by :mod:`tnmoe.moe.persistence`, which defines the model
-    classes (this module does not import the conversion code). Idempotent."""
+    Called on ``import tnmoe.moe`` with a factory that imports :mod:`tnmoe.models.persistence`,
+    which defines the model classes (this module does not import the conversion code). Idempotent."""
     if _AUTO_CONFIG_MODULE in sys.modules:
         if _registered_loader() is None:
             _register_auto_config(model_class_for)

@@ -1,0 +1,122 @@
+"""Calibration for data-aware conversion: stream each target FFN matrix's input second moment
+through forward hooks while calibration batches run through the model; no activation is kept.
+
+:func:`collect_ffn_covariances` hooks the module that holds each FFN matrix (an ``nn.Linear``
+or a GPT-2 ``Conv1D`` whose weight is the matrix the adapter reads), so it records exactly
+what that matrix multiplies. Padding tokens are left out: a batch's ``attention_mask`` pads the
+FFNs of a decoder-only or encoder model and an encoder-decoder's encoder, its
+``decoder_attention_mask`` the decoder's FFNs (a mask whose shape is not the activation's
+``(batch, seq)``, e.g. at a cached decoding step, is not applied).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..networks.fit import InputCovariance
+from .adapters import get_adapter
+
+__all__ = ["collect_ffn_covariances"]
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, last]`` byte addresses ``t``'s elements occupy."""
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def _holds(weight: torch.Tensor, matrix: torch.Tensor) -> bool:
+    """``matrix`` lies inside ``weight``'s elements (the weight itself, its transpose (Conv1D) or a
+    slice of a fused weight such as Phi-3's ``gate_up_proj``), not merely in the same storage
+    (a flat parameter buffer holds every weight)."""
+    if weight.untyped_storage().data_ptr() != matrix.untyped_storage().data_ptr():
+        return False
+    (w0, w1), (m0, m1) = _byte_range(weight), _byte_range(matrix)
+    return w0 <= m0 and m1 <= w1
+
+
+def _holder(ffn: nn.Module, matrix: torch.Tensor) -> nn.Module | None:
+    """The submodule of ``ffn`` whose own ``weight`` holds ``matrix`` (see :func:`_holds`)."""
+    for module in ffn.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and _holds(weight, matrix):
+            return module
+    return None
+
+
+class _Recorder:
+    """Forward pre-hook that adds a module's input rows to an :class:`InputCovariance`."""
+
+    def __init__(self, acc: InputCovariance, masks: list, which: int) -> None:
+        self.acc, self.masks, self.which = acc, masks, which
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        mask = self.masks[self.which]  # this FFN's stack's padding mask (encoder or decoder)
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            mask = None  # not this call's positions (e.g. a cached decoding step): keep every token
+        self.acc.update(x.detach(), None if mask is None else mask.to(x.device).bool())
+
+
+def _mask_index(model: nn.Module, name: str) -> int:
+    """Which batch mask pads FFN ``name``'s inputs: 1 (``decoder_attention_mask``) for the decoder
+    stack of an encoder-decoder model, else 0 (``attention_mask``)."""
+    config = getattr(model, "config", None)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    return 1 if encoder_decoder and "decoder" in name.split(".") else 0
+
+
+def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module]], batches: Iterable,
+                            *, progress: bool = True) -> dict[str, dict[str, InputCovariance]]:
+    """Run ``batches`` through ``model`` (eval mode, no grad; the mode is restored) and return,
+    per target FFN name, ``{"up": ..., "down": ..., "gate": ...}`` input second moments of its
+    matrices (``gate`` only for gated FFNs).
+
+    ``batches``: dicts of model inputs (``model(**batch)``) or tensors (``model(batch)``).
+    Raises ``ValueError`` when a matrix is not held by a module whose input can be hooked, or
+    when no calibration token reached a matrix.
+    """
+    stats: dict[str, dict[str, InputCovariance]] = {}
+    hooks, masks = [], [None, None]
+    try:
+        for name, ffn in targets:
+            spec = get_adapter(ffn).extract(ffn)
+            mats = {"up": spec.up, "down": spec.down, "gate": spec.gate}
+            stats[name] = {}
+            for role, matrix in mats.items():
+                if matrix is None:
+                    continue
+                holder = _holder(ffn, matrix)
+                if holder is None:
+                    raise ValueError(
+                        f"calibration: the {role} matrix of {name!r} ({type(ffn).__name__}) is not the weight of "
+                        "a linear submodule whose input could be hooked; convert this FFN kind without calibration")
+                acc = InputCovariance(matrix.shape[1])
+                stats[name][role] = acc
+                hooks.append(holder.register_forward_pre_hook(_Recorder(acc, masks, _mask_index(model, name))))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in tqdm(batches, desc="calibrating", disable=not progress):
+                    if isinstance(batch, Mapping):
+                        masks[0], masks[1] = batch.get("attention_mask"), batch.get("decoder_attention_mask")
+                        model(**batch)
+                    else:
+                        masks[0] = masks[1] = None
+                        model(batch)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, roles in stats.items():
+        for role, acc in roles.items():
+            if acc.count == 0:
+                raise ValueError(f"calibration: no token reached the {role} matrix of {name!r}; pass batches "
+                                 "that run through this layer")
+    return stats
