@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..networks import MPO, factorize
+from ..networks import MPO
 from ..networks.decompose import check_finite
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from ..moe.config import MoEConfig
@@ -23,7 +23,13 @@ from ..moe.context import RoutingContext
 from ..moe.layer import MoELayer, moe_layers
 from ..moe.routers import HashRouter, SwitchRouter, TopKRouter
 from ..moe.routed import RoutedExperts
-from .routed import build_routed_experts, check_routed_config, verify_dense_extraction, verify_experts_extraction
+from .routed import (
+    build_routed_experts,
+    check_routed_config,
+    empty_mpo_bank,
+    verify_dense_extraction,
+    verify_experts_extraction,
+)
 
 __all__ = ["build_moe_layer", "convert", "find_target_modules", "get_moe_config", "converted_modules",
            "ParameterCount", "count_parameters", "print_trainable_parameters", "conversion_errors", "ffn_dimensions"]
@@ -76,12 +82,8 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
             if load:
                 b.load_matrix(W.detach(), config.init_noise, generator)
             return b
-        in_f = factorize(in_dim, config.factors_for(in_dim))
-        out_f = factorize(out_dim, config.factors_for(out_dim))
-        if len(in_f) != len(out_f):
-            raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
-        b = MPOExpertBank(num_experts=E, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
-                    share=config.share, init="empty", dtype=dtype, device=device)
+        b = empty_mpo_bank(E, out_dim, in_dim, config, dtype=dtype, device=device)
+        in_f, out_f = b.in_factors, b.out_factors
         if load:
             w = W.detach()
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()

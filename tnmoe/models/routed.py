@@ -65,6 +65,18 @@ def check_routed_config(config: MoEConfig, spec: ExpertsSpec, name: str, *, load
             f"serve. Sharing trained experts' cores needs {_FIT_HINT}")
 
 
+def empty_mpo_bank(num_experts: int, out_dim: int, in_dim: int, config: MoEConfig, *,
+                   dtype: torch.dtype, device) -> MPOExpertBank:
+    """An uninitialised :class:`MPOExpertBank` of ``num_experts`` ``(out_dim, in_dim)`` matrices
+    factorized as ``config`` says (``factors`` / ``m``, ``max_bond``, ``share``)."""
+    in_f = factorize(in_dim, config.factors_for(in_dim))
+    out_f = factorize(out_dim, config.factors_for(out_dim))
+    if len(in_f) != len(out_f):
+        raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
+    return MPOExpertBank(num_experts=num_experts, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
+                         share=config.share, init="empty", dtype=dtype, device=device)
+
+
 def build_routed_experts(spec: ExpertsSpec, config: MoEConfig, *, init: str = "pretrained") -> RoutedExperts:
     """A :class:`RoutedExperts` holding ``spec``'s experts: ``expert_type="dense"`` copies them,
     ``"mpo"`` decomposes each expert's matrices into its own MPO (bonds ``config.max_bond``;
@@ -85,14 +97,9 @@ def build_routed_experts(spec: ExpertsSpec, config: MoEConfig, *, init: str = "p
                 with torch.no_grad():
                     b.weight.copy_(W.detach())
             return b
-        in_f = factorize(in_dim, config.factors_for(in_dim))
-        out_f = factorize(out_dim, config.factors_for(out_dim))
-        if len(in_f) != len(out_f):
-            raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
-        b = MPOExpertBank(num_experts=E, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
-                          share=config.share, init="empty", dtype=dtype, device=device)
+        b = empty_mpo_bank(E, out_dim, in_dim, config, dtype=dtype, device=device)
         if load:
-            _load_per_expert(b, W.detach(), in_f, out_f, config.max_bond)
+            _load_per_expert(b, W.detach(), b.in_factors, b.out_factors, config.max_bond)
         return b
 
     experts = ExpertFFN(up=bank(spec.up), down=bank(spec.down),

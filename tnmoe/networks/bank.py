@@ -384,9 +384,11 @@ class MPOBank(nn.Module):
     def _shape_plan(self, cores: Sequence[torch.Tensor]) -> tuple[int, dict[bool, float]]:
         """``(in_features, {weight_cached: stream threshold})`` for the cores' shapes, memoized
         per shape signature and engine (a forward at a few tokens is Python-bound)."""
-        # the engine by id (an engine object would make the module unpicklable); a reused id
-        # could only pick stream vs rebuild by another engine's estimate, never a wrong value
-        signature = (tuple(c.shape for c in cores), id(self.engine))
+        # the engine by id and the settings its estimate reads (an engine object would make the
+        # module unpicklable); a stale entry could only pick stream vs rebuild by another
+        # estimate, never a wrong value
+        engine = self.engine
+        signature = (tuple(c.shape for c in cores), id(engine), engine.stream_margin, engine.optimize)
         memo = self._plan_memo
         if memo is None or memo[0] != signature:
             shapes = self.core_shapes
