@@ -533,9 +533,9 @@ def frozen_weights(module: nn.Module) -> Iterator[None]:
     ``load_state_dict(assign=True)``, ``.to(...)``) inside the block raises at the bank's next
     cached forward, as does any optimizer step on them (fused ones bump no version counter;
     a global optimizer step hook, registered for the block's duration, sees them); an edit
-    no version counter sees (``p.data.mul_(...)``) raises when the block ends (a SHA-256
-    digest of the cores' bytes taken at entry is compared), as does any other change. Entry and exit each read every core once; nested blocks are owned by the
-    outermost. Caches filled inside are kept for the next block (revalidated by digest there);
+    no version counter sees (``p.data.mul_(...)``) raises when the block ends (an XXH3-128
+    digest of the cores' bytes taken at entry is compared), as does any other change. Entry and
+    exit each read every core once; nested blocks are owned by the outermost. Caches filled inside are kept for the next block (revalidated by digest there);
     outside, the default check rebuilds them once.
     """
     named = [(name, m) for name, m in module.named_modules() if isinstance(m, MPOBank)]

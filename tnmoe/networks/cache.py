@@ -16,7 +16,7 @@ Two ways to prove it (the contract, in one place; ``docs/inference.md`` says the
   :meth:`~DerivedTensorCache.note_change` (fused optimizer steps, which bump no version counter:
   :func:`~tnmoe.networks.frozen_weights` announces every optimizer step that touches a frozen
   source). Edits that no counter sees (through ``p.data``) are found when the block ends, by
-  comparing a SHA-256 digest of the sources' bytes taken at its start, and raise there.
+  comparing an XXH3-128 digest of the sources' bytes taken at its start, and raise there.
 
 The cache holds a reference to its sources' storages (no copy) so that a freed storage's
 address cannot be reused by a new tensor that would then look identical to the key.
@@ -24,10 +24,10 @@ address cannot be reused by a new tensor that would then look identical to the k
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable, Sequence
 
 import torch
+import xxhash
 
 __all__ = ["DerivedTensorCache", "inference_cache_allowed", "WeightsChangedError", "tensor_digest"]
 
@@ -45,8 +45,9 @@ class WeightsChangedError(RuntimeError):
 
 
 def tensor_digest(tensors: Sequence[torch.Tensor]) -> bytes:
-    """SHA-256 of the tensors' dtypes, shapes and bytes (copied to the host when elsewhere)."""
-    h = hashlib.sha256()
+    """XXH3-128 of the tensors' dtypes, shapes and bytes (copied to the host when elsewhere): a
+    hash made to detect changed data at memory speed, the one checkpoints' weight files use."""
+    h = xxhash.xxh3_128()
     for t in tensors:
         t = t.detach()
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
