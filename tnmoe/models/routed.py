@@ -175,14 +175,11 @@ def verify_dense_extraction(name: str, module: nn.Module, spec: FFNSpec) -> None
         return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, spec.d_model, generator=g).to(device=spec.up.device, dtype=spec.up.dtype)
-    xf = x.float()
-
-    def lin(inp, W, b):
-        y = inp @ W.float().T
-        return y if b is None else y + b.float()
-    h = lin(xf, spec.up, spec.up_bias)
-    h = spec.activation(lin(xf, spec.gate, None)) * h if spec.gate is not None else spec.activation(h)
-    want = lin(h, spec.down, spec.down_bias)
+    def one(t):  # the FFN as expert 0 of a one-expert spec: the same naive reference as the MoE probe
+        return None if t is None else t.unsqueeze(0)
+    single = ExpertsSpec(up=one(spec.up), down=one(spec.down), gate=one(spec.gate), activation=spec.activation,
+                         up_bias=one(spec.up_bias), down_bias=one(spec.down_bias), top_k=1)
+    want = experts_forward(single, x.float(), 0)
     with _eval_mode(module):
         got = module(x)
     if not isinstance(got, torch.Tensor):
