@@ -33,10 +33,14 @@ from variants import VARIANTS  # noqa: E402
 
 
 def point_label(row: dict) -> str:
-    """``'5/64'``: m and bond cap of a summary row; the variant's name for a baseline row."""
+    """``'5/64'``: m and bond cap of a summary row (``'5/64 da'`` for a data-aware conversion,
+    ``'trunc 5/64 whitened-svd'`` for a truncated dense model); the variant's name for a baseline row."""
     if row.get("m") is None:
         return str(row["variant"])
-    return f"{row['m']}/{row['max_bond']}"
+    label = f"{row['m']}/{row['max_bond']}"
+    if row.get("variant") == "truncated":
+        return f"trunc {label} {row.get('conversion')}"
+    return label + (" da" if row.get("conversion") == "data-aware" else "")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -50,13 +54,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--task", default="rte", help="GLUE task (ignored for gpt2)")
     ap.add_argument("--baseline", default=None, choices=sorted(VARIANTS),
                     help="also train this variant (e.g. dense) on the core seeds as a reference row")
+    ap.add_argument("--conversions", default="tt-svd",
+                    help="comma-separated: how truncated points start (tt-svd, data-aware); each truncated "
+                         "point runs once per conversion (lossless points: tt-svd, exact)")
+    ap.add_argument("--truncated", default=None,
+                    help="comma-separated conversions (tt-svd, data-aware, svd, whitened-svd): also train the "
+                         "unconverted model with its FFN matrices truncated that way at each capped bond of "
+                         "--core-m (variant 'truncated')")
+    ap.add_argument("--truncated-seeds", default=None, help="seeds of the --truncated rows (default: the core seeds)")
     args, passthrough = parse_study_args(ap, argv)
     recipe = study_recipe(args.recipe)
     seeds = int_list(args.seeds)
     core = int_list(args.core_seeds) if args.core_seeds else seeds
+    bonds = parse_bonds(args.max_bonds)
     runs = grid(recipe, tasks=[args.task], variants=[args.variant], ms=int_list(args.ms),
-                bonds=parse_bonds(args.max_bonds), seeds=seeds, passthrough=passthrough,
+                bonds=bonds, seeds=seeds, passthrough=passthrough, conversions=args.conversions.split(","),
                 seeds_for=lambda m, bond: core if (m == args.core_m or bond is None) else seeds)
+    if args.truncated:
+        capped = [b for b in bonds if b is not None]
+        if not capped:
+            raise StudyError("--truncated needs capped --max-bonds (a truncation at lossless bonds is the model itself)")
+        runs += grid(recipe, tasks=[args.task], variants=["truncated"], ms=[args.core_m], bonds=capped,
+                     seeds=int_list(args.truncated_seeds) if args.truncated_seeds else core,
+                     passthrough=passthrough, conversions=args.truncated.split(","))
     if args.baseline is not None:
         if args.baseline == args.variant:
             raise StudyError(f"--baseline {args.baseline} is the study's own --variant; pick another (e.g. dense)")
@@ -67,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs = reference + runs
     title = f"{args.recipe}: MPOE with m local tensors and capped bonds"
     out = Path(args.output_dir)
-    rows = conduct_study(recipe, runs, out, group_keys=("task", "variant", "m", "max_bond"), name="factorization",
+    rows = conduct_study(recipe, runs, out, group_keys=("task", "variant", "m", "max_bond", "conversion"), name="factorization",
                          label_key=point_label, panel_key=None, existing_only=args.existing_only, wait=args.wait, title=title)
     if rows:
         pareto_plot(rows, recipe, out / "factorization_pareto.png", label=point_label,

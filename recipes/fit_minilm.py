@@ -7,6 +7,12 @@ error: ``||(W - Ŵ) X^T|| / ||W X^T||``; weight error ``||W - Ŵ|| / ||W||``.
 
     OMP_NUM_THREADS=2 python recipes/fit_minilm.py --matrices up2 --output results/fitting/minilm_up2.json
     OMP_NUM_THREADS=2 python recipes/fit_minilm.py --output results/fitting/minilm_all.json
+    OMP_NUM_THREADS=2 python recipes/fit_minilm.py --matrices up2 --diagnostics \
+        --output results/fitting/minilm_up2_diagnostics.json
+
+``--diagnostics``: the same matrix fitted several other ways (more sweeps, longer local solves,
+the whitened start, bonds reallocated by the whitened-spectrum budget at the same parameter
+count), to tell an optimisation shortfall from a limit of the MPO's shape.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=5)
     ap.add_argument("--sweeps", type=int, default=4)
     ap.add_argument("--cg-iters", type=int, default=8)
+    ap.add_argument("--diagnostics", action="store_true", help="also fit each matrix the other ways listed above")
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     if not DATA.exists():
@@ -105,11 +112,35 @@ def main() -> None:
         fitted = MPO([c[0] for c in cores]).to_matrix()
         cands = {"tt-svd": tt.to_matrix().double(), "svd": low_rank(W, rank),
                  "whitened-svd": whitened_svd(W, rank, calib), "data-aware-mpo": fitted}
+        diagnostics = {}
+        if args.diagnostics:
+            from tnmoe.networks import allocate_bonds
+
+            ratio = params / W.numel()
+            budget_bonds = allocate_bonds([W], [(in_f, out_f)], ratio, calibration=[calib])[0]
+            others = {
+                f"sweeps={2 * args.sweeps}": dict(max_bond=args.max_bond, sweeps=2 * args.sweeps, cg_iters=args.cg_iters),
+                "cg_iters=20": dict(max_bond=args.max_bond, sweeps=args.sweeps, cg_iters=20),
+                "start=whitened": dict(max_bond=args.max_bond, sweeps=args.sweeps, cg_iters=args.cg_iters,
+                                       start="whitened"),
+                "bonds by whitened budget": dict(bond_dims=budget_bonds, sweeps=args.sweeps, cg_iters=args.cg_iters),
+            }
+            for label, options in others.items():
+                t1 = time.perf_counter()
+                c2, rep2 = fit_mpo_bank(W, in_f, out_f, calibration=calib, **options)
+                M = MPO([c[0] for c in c2]).to_matrix()
+                cands[f"data-aware-mpo ({label})"] = M
+                diagnostics[label] = {"options": {k: v for k, v in options.items()}, "bond_dims": rep2.bond_dims,
+                                      "params": sum(c[0].numel() for c in c2), "start": rep2.start,
+                                      "seconds": round(time.perf_counter() - t1, 2),
+                                      "objective_by_sweep": [round(x, 4) for x in rep2.objective]}
         row = {"matrix": name, "shape": list(W.shape), "in_factors": in_f, "out_factors": out_f,
                "bond_dims": tt.bond_dims, "params": params, "dense_params": W.numel(), "equal_param_rank": rank,
                "fit_seconds": round(seconds, 2), "fit_sweeps": report.sweeps, "fit_start": report.start,
                "threads": torch.get_num_threads(), "load_average_before_fit": round(load0, 2),
                "calibration_objective_by_sweep": [round(x, 4) for x in report.objective]}
+        if diagnostics:
+            row["diagnostics"] = diagnostics
         for method, M in cands.items():
             row[method] = {"weight_error": round(float((W - M).norm() / W.norm()), 4),
                            "output_error_calibration": round(output_error(W, M, calib.T @ calib / len(calib)), 4),
@@ -120,7 +151,8 @@ def main() -> None:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": "python recipes/fit_minilm.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "tokens": args.tokens,
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not False),
+            "tokens": args.tokens,
             "calibration": "first tokens of STS-B train sentence pairs in file order; held out: the next ones",
             "rows": rows}, indent=1))
 

@@ -165,7 +165,18 @@ def main(argv: list[str] | None = None, default_model: str = "t5-base") -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model, num_labels=t.num_labels, ignore_mismatched_sizes=True,
             problem_type="regression" if t.num_labels == 1 else "single_label_classification")
-    model, mask = prepare_model(model, args)
+    def calibration(n: int) -> list[dict]:
+        """Padded batches of the first ``n`` training examples (of each task), as the model reads them."""
+        ds = encode(tok, [(t, splits[t.name][0].select(range(min(n, len(splits[t.name][0]))))) for t in tasks],
+                    seq2seq, args.max_length)
+        collate = DataCollatorForSeq2Seq(tok, model=model) if seq2seq else DataCollatorWithPadding(tok)
+        items = [dict(x) for x in ds.items]
+        if not seq2seq:
+            for x in items:
+                x.pop("labels")
+        return [dict(collate(items[i:i + 32])) for i in range(0, len(items), 32)]
+
+    model, mask = prepare_model(model, args, calibration)
     if not args.quiet:
         moe.print_trainable_parameters(model)
 

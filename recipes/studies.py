@@ -105,26 +105,35 @@ def parse_bonds(text: str) -> list[int | None]:
 
 def grid(recipe: StudyRecipe, *, tasks: Sequence[str], variants: Sequence[str], ms: Sequence[int],
          seeds: Sequence[int], passthrough: Sequence[str], bonds: Sequence[int | None] = (None,),
-         seeds_for: Callable[[int, int | None], Sequence[int]] | None = None) -> list[StudyRun]:
-    """Every (task, variant, m, bond cap, seed), in that nesting order; run
-    ``<task>-<variant>-m<m>[-b<bond>]-s<seed>`` (no ``-b`` part for lossless bonds, so lossless
-    runs of other studies are reused). ``tasks`` is ignored when the recipe has its own
-    :attr:`StudyRecipe.task`; ``seeds_for(m, bond)``, when given, overrides ``seeds`` per point."""
+         seeds_for: Callable[[int, int | None], Sequence[int]] | None = None,
+         conversions: Sequence[str] = ("tt-svd",)) -> list[StudyRun]:
+    """Every (task, variant, m, bond cap, conversion, seed), in that nesting order; run
+    ``<task>-<variant>-m<m>[-b<bond>][-<conversion>]-s<seed>`` (no ``-b`` part for lossless
+    bonds, no conversion part for ``tt-svd``, so the runs of other studies and of earlier
+    versions of this one are reused; lossless bonds have one conversion, ``tt-svd``, exact).
+    ``tasks`` is ignored when the recipe has its own :attr:`StudyRecipe.task`; ``seeds_for(m,
+    bond)``, when given, overrides ``seeds`` per point. The variant ``truncated`` always names its
+    conversion (it has no default one)."""
     runs = []
     for task in ([recipe.task] if recipe.task else tasks):
         for variant in variants:
             for m in ms:
                 for bond in bonds:
-                    for seed in (seeds_for(m, bond) if seeds_for else seeds):
-                        argv = ([] if recipe.task else ["--task", task]) + [
-                            "--variant", variant, "--m", str(m), "--seed", str(seed), *passthrough]
-                        labels = {"task": task, "variant": variant, "m": m, "seed": seed}
-                        name = f"{task}-{variant}-m{m}"
-                        if bond is not None:
-                            argv += ["--max-bond", str(bond)]
-                            name += f"-b{bond}"
-                        labels["max_bond"] = bond_label(bond)
-                        runs.append(StudyRun(f"{name}-s{seed}", argv, labels))
+                    for conversion in (conversions if bond is not None else ("tt-svd",)):
+                        for seed in (seeds_for(m, bond) if seeds_for else seeds):
+                            argv = ([] if recipe.task else ["--task", task]) + [
+                                "--variant", variant, "--m", str(m), "--seed", str(seed), *passthrough]
+                            labels = {"task": task, "variant": variant, "m": m, "seed": seed}
+                            name = f"{task}-{variant}-m{m}"
+                            if bond is not None:
+                                argv += ["--max-bond", str(bond)]
+                                name += f"-b{bond}"
+                            if conversion != "tt-svd" or variant == "truncated":
+                                argv += ["--conversion", conversion]
+                                name += f"-{conversion}"
+                            labels["max_bond"] = bond_label(bond)
+                            labels["conversion"] = conversion
+                            runs.append(StudyRun(f"{name}-s{seed}", argv, labels))
     return runs
 
 
@@ -319,7 +328,7 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 
 #: the options a study sets per run (its labels); every other option is a setting its runs share
-LABEL_OPTIONS = ("--task", "--variant", "--m", "--max-bond", "--seed")
+LABEL_OPTIONS = ("--task", "--variant", "--m", "--max-bond", "--seed", "--conversion")
 
 
 def run_settings(result: dict) -> dict:
@@ -380,6 +389,11 @@ def summarize(recipe: StudyRecipe, results: Sequence[dict], group_keys: Sequence
         errors = [r["conversion_error"]["mean"] for r in rs if r.get("conversion_error")]
         if errors:
             row["conversion_error"] = errors[0]  # the same decomposition for every seed
+        output_errors = [r["conversion_output_error"] for r in rs if r.get("conversion_output_error")]
+        if output_errors:  # on the calibration inputs, where the conversion used them
+            row["conversion_output_error"] = output_errors[0]["mean"]
+            if "tt_svd_mean" in output_errors[0]:
+                row["tt_svd_output_error"] = output_errors[0]["tt_svd_mean"]
         for name in metrics[0]:
             if name != recipe.headline and all(name in x for x in metrics):
                 row[f"{name}_mean"] = sum(x[name] for x in metrics) / len(metrics)

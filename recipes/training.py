@@ -93,13 +93,36 @@ def run_record(model: torch.nn.Module, mask: moe.GradientMask | None, train: Tim
     return {"train_seconds": train.seconds, **steps, "gradient_mask": mask_summary(mask),
             "moe_config": cfg.to_dict() if cfg is not None else None,
             "argv": argv, "data_sha256": data_fingerprint(argv), **parameter_summary(model),
-            "conversion_error": conversion_error_summary(model)}
+            "conversion_error": conversion_error_summary(model),
+            "conversion_output_error": conversion_output_error_summary(model)}
 
 
 def conversion_error_summary(model: torch.nn.Module) -> dict | None:
-    """Relative Frobenius error of the MPO experts against the pretrained matrices at conversion
-    (:func:`tnmoe.moe.conversion_errors`): ``mean``/``max`` over matrices; ``None`` without MPO experts."""
-    errors = list(moe.conversion_errors(model).values())
+    """Relative Frobenius error of the MPO experts (or, for the truncated variant, the truncated
+    matrices) against the pretrained matrices at conversion (:func:`tnmoe.moe.conversion_errors`):
+    ``mean``/``max`` over matrices; ``None`` without MPO experts."""
+    truncation = getattr(model, "truncation", None)
+    errors = ([r["weight_error"] for r in truncation] if truncation
+              else list(moe.conversion_errors(model).values()))
     if not errors:
         return None
     return {"mean": sum(errors) / len(errors), "max": max(errors), "matrices": len(errors)}
+
+
+def conversion_output_error_summary(model: torch.nn.Module) -> dict | None:
+    """Relative output error ``||(W - Ŵ) L|| / ||W L||`` on the calibration inputs at conversion,
+    where calibration was used: ``mean``/``max`` over matrices, and TT-SVD's at the same bonds
+    (``tt_svd_mean``) for data-aware MPO fits; ``None`` without calibration."""
+    truncation = getattr(model, "truncation", None)
+    if truncation:
+        errors = [r["output_error"] for r in truncation if r["output_error"] is not None]
+        return {"mean": sum(errors) / len(errors), "max": max(errors), "matrices": len(errors)} if errors else None
+    rows = [r for report in moe.fit_reports(model).values() for r in report.matrices[:1]]  # experts start alike
+    if not rows:
+        return None
+    errors = [r.output_error for r in rows]
+    tt = [r.tt_svd_output_error for r in rows if r.tt_svd_output_error is not None]
+    out = {"mean": sum(errors) / len(errors), "max": max(errors), "matrices": len(errors)}
+    if tt:
+        out["tt_svd_mean"] = sum(tt) / len(tt)
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields, replace
+from typing import Callable, Iterable
 
 import torch
 
@@ -30,7 +31,13 @@ VARIANTS: dict[str, str] = {
     "mpoe++": "+MPOE++: 16 MPO experts sharing the central tensor",
     "mpoe-wo-gm": "MPOE without the gradient mask (p_b = 0)",
     "mpoe-wo-ps": "MPOE without parameter sharing (every expert has its own central tensor)",
+    "truncated": "the unconverted model with every FFN matrix replaced by its truncation at --max-bond "
+                 "(--conversion: tt-svd, data-aware MPO, svd or whitened-svd at the MPO's parameter count)",
 }
+
+#: how truncated matrices are initialised (``--conversion``): the MPOE variants take the first two
+MPO_CONVERSIONS = ("tt-svd", "data-aware")
+CONVERSIONS = moe.TRUNCATION_METHODS
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,8 @@ class VariantOptions:
     capacity ``ceil(tokens * k * cf / E)``. init_noise: relative std of the noise added to each
     expert's own tensors. target_modules: FFN names to convert (``None``: every FFN with an
     adapter). ignore_padding: padding tokens are not routed (see :class:`tnmoe.moe.MoEConfig`);
-    off in the published runs.
+    off in the published runs. conversion: how truncated matrices start (:data:`CONVERSIONS`;
+    ``data-aware`` fits them to the FFN inputs of ``calibration_samples`` training examples).
     """
 
     num_experts: int | None = None
@@ -57,6 +65,8 @@ class VariantOptions:
     init_noise: float = 0.0
     target_modules: tuple[str, ...] | None = None
     ignore_padding: bool = False
+    conversion: str = "tt-svd"
+    calibration_samples: int = 640
 
 
 _DEFAULTS = VariantOptions()
@@ -70,6 +80,21 @@ def variant_config(variant: str, options: VariantOptions = _DEFAULTS) -> tuple[m
     if variant == "dense":
         return None, 0.0
     o = options
+    allowed = CONVERSIONS if variant == "truncated" else MPO_CONVERSIONS
+    if o.conversion not in allowed:
+        raise RecipeError(f"--conversion {o.conversion} does not apply to variant {variant!r} (choices: {', '.join(allowed)})")
+    if o.conversion != "tt-svd" and (o.max_bond is None or variant in ("moe", "switch")):
+        raise RecipeError(f"--conversion {o.conversion} chooses how truncated MPO matrices start: give --max-bond "
+                          "and an MPO variant (mpoe, mpoe++, mpoe-wo-gm, mpoe-wo-ps, truncated)")
+    if variant == "truncated":
+        if o.max_bond is None:
+            raise RecipeError("variant 'truncated' needs --max-bond (the bond cap that sets each matrix's budget)")
+        factors = dict(PAPER_FACTORS.get(o.m, {})) if o.factors is None else o.factors
+        try:
+            return moe.MoEConfig(expert_type="mpo", num_experts=1, m=o.m, factors=factors, max_bond=o.max_bond,
+                                 target_modules=list(o.target_modules) if o.target_modules else None), 0.0
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
     shared = dict(num_experts=o.num_experts or (16 if variant == "mpoe++" else 8),
                   load_balancing_coef=o.lb_coef, capacity_factor=o.capacity_factor,
                   init_noise=o.init_noise, ignore_padding=o.ignore_padding,
@@ -118,6 +143,12 @@ def add_moe_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", default=None, help="comma-separated module names (peft style)")
     g.add_argument("--ignore-padding", action="store_true",
                    help="padding tokens take no expert capacity and do not count in the load-balancing loss")
+    g.add_argument("--conversion", default=_DEFAULTS.conversion, choices=CONVERSIONS,
+                   help="how truncated (--max-bond) matrices start: tt-svd (data-blind), data-aware (MPO fitted to "
+                        "the FFN inputs of --calibration-samples training examples); the truncated variant also "
+                        "takes svd / whitened-svd at the MPO's parameter count")
+    g.add_argument("--calibration-samples", type=int, default=_DEFAULTS.calibration_samples,
+                   help="training examples whose FFN inputs calibrate --conversion data-aware / whitened-svd")
 
 
 def parse_variants(text: str) -> list[str]:
@@ -147,7 +178,7 @@ def parse_factors(text: str | None) -> dict[int, list[int]] | None:
 def options_from_args(args: argparse.Namespace) -> VariantOptions:
     """:class:`VariantOptions` from the flags :func:`add_moe_args` added."""
     given = {f.name: getattr(args, f.name) for f in fields(VariantOptions)
-             if f.name not in ("factors", "target_modules")}
+             if f.name not in ("factors", "target_modules") and hasattr(args, f.name)}
     return VariantOptions(**given, factors=parse_factors(args.factors),
                           target_modules=tuple(args.target_modules.split(",")) if args.target_modules else None)
 
@@ -167,14 +198,29 @@ def fit_paper_factors(cfg: moe.MoEConfig, model: torch.nn.Module) -> moe.MoEConf
     return replace(cfg, factors={d: f for d, f in cfg.factors.items() if d in dims})
 
 
-def prepare_model(model: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.nn.Module, moe.GradientMask | None]:
+def prepare_model(model: torch.nn.Module, args: argparse.Namespace,
+                  calibration: Callable[[int], Iterable] | None = None,
+                  ) -> tuple[torch.nn.Module, moe.GradientMask | None]:
     """Convert ``model`` in place for ``args.variant``; returns ``(model, GradientMask or None)``.
-    The config it was converted with is ``moe.get_moe_config(model)`` (``None`` for dense)."""
+    The config it was converted with is ``moe.get_moe_config(model)`` (``None`` for dense and
+    truncated). ``calibration(n)``: batches of model inputs from the first ``n`` training examples,
+    for ``--conversion`` methods that fit to data (the recipe's own data pipeline)."""
     cfg, p_b = moe_config_for(args)
     if cfg is None:
         return model, None
+    options = options_from_args(args)
+    batches = None
+    if options.conversion in ("data-aware", "whitened-svd"):
+        if calibration is None:
+            raise RecipeError(f"--conversion {options.conversion} needs calibration data, which this recipe does not provide")
+        batches = calibration(options.calibration_samples)
+    cfg = fit_paper_factors(cfg, model)
     try:
-        moe.convert(model, fit_paper_factors(cfg, model))
+        if args.variant == "truncated":
+            model.truncation = [r.to_dict() for r in moe.truncate_ffns(
+                model, cfg, method=options.conversion, calibration=batches, progress=not getattr(args, "quiet", False))]
+            return model, None
+        moe.convert(model, cfg, calibration=batches, progress=not getattr(args, "quiet", False))
     except ValueError as err:
         raise RecipeError(f"cannot convert {type(model).__name__}: {err}") from None
     mask = moe.GradientMask(model, p_b=p_b, seed=getattr(args, "seed", 0)) if p_b > 0 else None

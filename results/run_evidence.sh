@@ -6,6 +6,7 @@
 #   bash results/run_evidence.sh gpt2   # small GPT-2 on WikiText-2: ablation + m = 3/5/7/9
 #   bash results/run_evidence.sh factorization  # m x bond caps on the LM and on STS-B (after glue, gpt2)
 #   (factorization-lm / factorization-stsb: one half of it)
+#   bash results/run_evidence.sh conversion-stsb  # data-aware conversion at caps 64/16 (after factorization-stsb)
 # WORKERS (default 2) processes of THREADS (default 1) threads share each study's runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -118,6 +119,29 @@ case "${1:-all}" in
     workers glue_fact --core-seeds 1
     workers glue_fact --core-seeds 1,2,3
     glue_fact --core-seeds 1,2,3 --existing-only
+    $PY results/make_tables.py
+    ;;
+  conversion-stsb)
+    # issue 24: the truncated points again with data-aware conversion (MPO fitted to the FFN
+    # inputs of 640 training examples), next to the TT-SVD rows of factorization-stsb, plus dense
+    # models whose FFN matrices are replaced by truncations (TT-SVD, whitened SVD at the MPO's
+    # parameter count) to separate the decomposition from the MPO parametrisation
+    G=results/glue_minilm
+    LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
+    GL=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 1 --capacity-factor none
+        --threads "${THREADS:-1}" --quiet --lr "$LR_MPOE")
+    conv() { "$PY" recipes/factorization_study.py --recipe bert --task stsb --baseline dense --seeds 1 \
+               --output-dir $G/factorization_stsb "$@" -- "${GL[@]}"; }
+    # in order of what the finding needs first: m = 5 at cap 64 (3 seeds), the truncated dense
+    # references at cap 64, m = 5 at cap 16, the other m at 64/16 (1 seed), the references at 16
+    workers conv --ms 5 --max-bonds 64 --conversions data-aware --core-seeds 1,2,3
+    workers conv --ms 5 --max-bonds 64 --conversions data-aware --core-seeds 1,2,3 --truncated tt-svd,whitened-svd --truncated-seeds 1
+    workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3
+    workers conv --ms 3,7,9 --max-bonds 64,16 --conversions data-aware --core-seeds 1
+    workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3 --truncated tt-svd,whitened-svd --truncated-seeds 1
+    # the summary over every point, both conversions (missing runs are skipped)
+    conv --ms 3,5,7,9 --max-bonds lossless,256,64,16 --conversions tt-svd,data-aware --core-seeds 1,2,3 \
+      --truncated tt-svd,whitened-svd --truncated-seeds 1 --existing-only
     $PY results/make_tables.py
     ;;
 esac

@@ -211,6 +211,41 @@ def test_calibration_hooks_record_each_ffn_matrix_input_without_padding():
         assert torch.allclose(stats[name][role].covariance(), X.T @ X / X.shape[0], rtol=1e-10, atol=1e-12)
 
 
+def test_calibration_token_weight_weights_each_position():
+    """``token_weight`` in a batch: C = sum_t w_t x_t x_t^T / sum_t w_t over non-padding positions
+    (here the [CLS] position counted 5 times), not passed to the model."""
+    from tiny_models import tiny_bert
+
+    from tnmoe.models.calibration import collect_ffn_covariances
+    from tnmoe.models.convert import find_target_modules
+
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    batches = _bert_batches(1)
+    for b in batches:
+        w = b["attention_mask"].double().clone()
+        w[:, 0] *= 5.0
+        b["token_weight"] = w
+    seen = []
+    current = {}
+    hook = model.bert.encoder.layer[0].intermediate.dense.register_forward_hook(
+        lambda m, a, o: seen.append((a[0][current["m"]], current["w"][current["m"]])))
+    with torch.no_grad():
+        for b in batches:
+            current["m"], current["w"] = b["attention_mask"].bool(), b["token_weight"]
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    hook.remove()
+    stats = collect_ffn_covariances(model, find_target_modules(model), batches, progress=False)
+    X = torch.cat([x for x, _ in seen]).double()
+    w = torch.cat([w for _, w in seen]).double()
+    want = (X * w[:, None]).T @ X / w.sum()
+    acc = stats["bert.encoder.layer.0"]["up"]
+    assert acc.count == X.shape[0] and acc.total_weight == pytest.approx(float(w.sum()))
+    assert torch.allclose(acc.covariance(), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="non-negative"):
+        InputCovariance(3).update(torch.ones(2, 3), weight=torch.tensor([1.0, -1.0]))
+
+
 def test_calibration_masks_each_stack_of_an_encoder_decoder_with_its_own_padding():
     """T5 with encoder and decoder inputs of the same length: the decoder FFNs' statistics leave
     out the decoder's padding (``decoder_attention_mask``), the encoder's the encoder's; a shape
@@ -287,8 +322,13 @@ def test_target_ratio_keeps_the_budget_data_blind_and_data_aware():
         assert weighted_objective(W, mpo.to_matrix(), X) <= weighted_objective(W, blind, X) * (1 + 1e-9)
     with pytest.raises(ValueError, match="target_ratio"):
         MPO.from_matrix(W, in_f, out_f, target_ratio=1e-4)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of max_bond, target_ratio and bond_dims"):
         MPO.from_matrix(W, in_f, out_f, target_ratio=0.5, max_bond=2)
+    with pytest.raises(ValueError, match="give one of max_bond, target_ratio and bond_dims"):
+        MPO.from_matrix(W, in_f, out_f, bond_dims=[2, 2], max_bond=2)
+    given = MPO.from_matrix(W, in_f, out_f, bond_dims=[3, 100])  # capped at lossless: TT-SVD at those bonds
+    assert given.bond_dims == [1, 3, 9, 1]
+    assert torch.allclose(given.to_matrix(), MPO(tt_svd_with_bonds(W, in_f, out_f, [3, 9])).to_matrix(), atol=1e-12)
 
 
 @pytest.mark.slow

@@ -207,6 +207,25 @@ def test_checked_default_still_sees_data_edits_after_a_frozen_block():
         torch.testing.assert_close(layer(x), reference(layer, x), **TOL32)
 
 
+def test_checked_cache_in_host_memory_keeps_no_copy_and_serves_on_after_a_frozen_block():
+    """The checked mode compares a digest for host-memory cores (no snapshot copy); a value kept
+    through a frozen block is served by the checked mode afterwards without a rebuild, and an
+    edit no version counter sees (p.data) after it is still caught by the value check."""
+    layer, x = small_layer(), torch.randn(5, 24)
+    cache = layer.weight_cache
+    with torch.no_grad():
+        layer(x)
+        assert cache._snapshot is None and cache._checked_digest is not None
+        with frozen_weights(layer):
+            layer(x)
+        misses = cache.misses
+        torch.testing.assert_close(layer(x), reference(layer, x), **TOL32)
+        assert cache.misses == misses and cache.hits >= 2  # served, not rebuilt
+        layer.cores[2].data.add_(0.5)  # bumps no version counter of the parameter
+        torch.testing.assert_close(layer(x), reference(layer, x), **TOL32)
+        assert cache.misses == misses + 1
+
+
 # --- the chain streaming path --------------------------------------------------------------------
 @pytest.mark.parametrize("in_f,out_f,max_bond", [
     ([3, 4, 4, 4, 4], [4, 4, 8, 6, 4], 16),
@@ -300,3 +319,31 @@ def test_uncached_inference_rebuilds_only_the_experts_with_tokens(monkeypatch):
     rows = [1, 1, 1, 3, 3]
     want = torch.stack([naive_matrix([bank.core(e, k) for k in range(bank.m)]) @ x[t] for t, e in enumerate(rows)])
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("share", ["central", "none", "all"])
+def test_batched_stream_equals_each_experts_stream_and_decode_takes_it(share, monkeypatch):
+    """At the same token count per active expert (decode), the uncached bank streams every active
+    expert in one batched chain; it equals streaming each expert alone and the naive product."""
+    from tnmoe.networks import contraction
+
+    torch.manual_seed(0)
+    bank = MPOExpertBank(num_experts=4, in_factors=[2, 3, 4], out_factors=[4, 2, 3], max_bond=5, share=share,
+                         dtype=torch.float64).eval()
+    bank.cache_weights = False
+    for active in ([1, 3], [0, 1, 2, 3]):
+        n = 2
+        counts = [n if e in active else 0 for e in range(4)]
+        x = torch.randn(n * len(active), 24, dtype=torch.float64)
+        want = torch.cat([x[j * n:(j + 1) * n] @ naive_matrix([bank.core(e, k).detach() for k in range(bank.m)]).T
+                          for j, e in enumerate(active)])
+        per_expert = torch.cat([bank.stream(x[j * n:(j + 1) * n], e) for j, e in enumerate(active)])
+        calls = []
+        real = contraction.stream_chain_batched
+        monkeypatch.setattr("tnmoe.networks.bank.stream_chain_batched",
+                            lambda *a: calls.append(1) or real(*a))
+        with torch.no_grad():
+            got = bank(x, counts)
+        assert calls, "the decode path did not take the batched stream"
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, per_expert, rtol=1e-12, atol=1e-12)

@@ -274,6 +274,32 @@ def test_variant_configs():
     assert cfg.ignore_padding
 
 
+def test_conversion_options_and_the_truncated_variant():
+    parse = glue.build_parser("x").parse_args
+    base = ["--output-dir", "o"]
+    cfg, p_b = variants.moe_config_for(parse(base + ["--variant", "truncated", "--max-bond", "64",
+                                                     "--conversion", "whitened-svd"]))
+    assert (cfg.expert_type, cfg.num_experts, cfg.max_bond, cfg.m, p_b) == ("mpo", 1, 64, 5, 0.0)
+    for bad, message in ((["--variant", "truncated"], "needs --max-bond"),
+                         (["--variant", "mpoe", "--max-bond", "64", "--conversion", "svd"], "does not apply"),
+                         (["--variant", "mpoe", "--conversion", "data-aware"], "give --max-bond"),
+                         (["--variant", "switch", "--conversion", "data-aware", "--max-bond", "4"], "an MPO variant")):
+        with pytest.raises(run_io.RecipeError, match=message):
+            variants.moe_config_for(parse(base + bad))
+
+
+def test_grid_names_conversions_so_tt_svd_runs_are_reused():
+    recipe = studies.StudyRecipe("x", lambda argv: {}, metrics=dict, headline="h", task="t")
+    runs = studies.grid(recipe, tasks=["-"], variants=["mpoe"], ms=[5], seeds=[1], passthrough=[],
+                        bonds=[None, 64], conversions=["tt-svd", "data-aware"])
+    assert [(r.name, r.labels["conversion"]) for r in runs] == [
+        ("t-mpoe-m5-s1", "tt-svd"), ("t-mpoe-m5-b64-s1", "tt-svd"), ("t-mpoe-m5-b64-data-aware-s1", "data-aware")]
+    assert "--conversion" not in runs[1].argv and runs[2].argv[-2:] == ["--conversion", "data-aware"]
+    truncated = studies.grid(recipe, tasks=["-"], variants=["truncated"], ms=[5], seeds=[1], passthrough=[],
+                             bonds=[64], conversions=["tt-svd"])
+    assert truncated[0].name == "t-truncated-m5-b64-tt-svd-s1" and truncated[0].argv[-2:] == ["--conversion", "tt-svd"]
+
+
 def test_paper_factors_are_factorizations():
     assert variants.PAPER_FACTORS[5] == {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}  # as in the README's quickstart
     for m, by_dim in variants.PAPER_FACTORS.items():
@@ -823,11 +849,27 @@ def test_demo_smoke(tmp_path, capsys):
 def test_glue_recipe_mixed_precision_every_variant(tiny_dirs, tmp_path, variant, precision):
     """The recipes' --bf16/--fp16 flags (HF Trainer autocast) train and evaluate every variant."""
     out = tmp_path / "run"
+    extra = ["--max-bond", "2"] if variant == "truncated" else []  # its budget
     r = glue.main(_glue_args(tiny_dirs / "bert", out, "--task", "mrpc", "--variant", variant,
-                             "--factors", TINY_FACTORS, precision))
+                             "--factors", TINY_FACTORS, precision, *extra))
     m = r["test"]["tasks"]["mrpc"]
     assert r["variant"] == variant and 0.0 <= m["accuracy"] <= 1.0
     assert len(r["history"]) == 1 and np.isfinite(r["history"][0]["score"])
+
+
+def test_glue_recipe_data_aware_conversion(tiny_dirs, tmp_path):
+    """--conversion data-aware calibrates on the first training rows: the MPO experts' output error
+    at conversion is recorded next to TT-SVD's at the same bonds, and is no higher; the truncated
+    variant records its matrices' errors."""
+    r = glue.main(_glue_args(tiny_dirs / "bert", tmp_path / "mpoe", "--task", "mrpc", "--variant", "mpoe",
+                             "--factors", TINY_FACTORS, "--max-bond", "2", "--conversion", "data-aware",
+                             "--calibration-samples", "8"))
+    out = r["conversion_output_error"]
+    assert out["matrices"] == 4 and out["mean"] <= out["tt_svd_mean"] * (1 + 1e-9)
+    t = glue.main(_glue_args(tiny_dirs / "bert", tmp_path / "trunc", "--task", "mrpc", "--variant", "truncated",
+                             "--factors", TINY_FACTORS, "--max-bond", "2", "--conversion", "whitened-svd"))
+    assert t["conversion_output_error"]["matrices"] == t["conversion_error"]["matrices"] == 4
+    assert "moe_config" in t and t["moe_config"] is None  # a dense model
 
 
 def test_glue_recipe_gradient_accumulation(tiny_dirs, tmp_path):

@@ -26,6 +26,7 @@ from .convert import (
     ParameterCount,
     build_moe_layer,
     conversion_errors,
+    fit_reports,
     convert,
     converted_modules,
     count_parameters,
@@ -34,14 +35,18 @@ from .convert import (
     get_moe_config,
     print_trainable_parameters,
 )
+from .truncate import TRUNCATION_METHODS, TruncatedMatrix, truncate_ffns
 from .persistence import from_pretrained, load_weights, save_pretrained
+from .compress import CompressionReport, LayerCompression, compress, low_rank_factors
 
 __all__ = [
     "convert", "get_moe_config", "converted_modules", "conversion_errors", "build_moe_layer", "find_target_modules",
     "count_parameters", "print_trainable_parameters", "ParameterCount", "save_pretrained", "from_pretrained",
     "load_weights", "FFNAdapter", "FFNSpec", "register_adapter", "unregister_adapter", "registered_adapters",
     "ExpertsAdapter", "ExpertsSpec", "register_structural_adapter",
-    "GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "ffn_dimensions",
+    "GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "ffn_dimensions", "fit_reports",
+    "truncate_ffns", "TruncatedMatrix", "TRUNCATION_METHODS",
+    "compress", "CompressionReport", "LayerCompression", "low_rank_factors",
 ]
 
 _TRAINER_NAMES = ("GradientMaskCallback", "MoETrainer", "MoETrainerMixin")

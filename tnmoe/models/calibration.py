@@ -6,7 +6,10 @@ or a GPT-2 ``Conv1D`` whose weight is the matrix the adapter reads), so it recor
 what that matrix multiplies. Padding tokens are left out: a batch's ``attention_mask`` pads the
 FFNs of a decoder-only or encoder model and an encoder-decoder's encoder, its
 ``decoder_attention_mask`` the decoder's FFNs (a mask whose shape is not the activation's
-``(batch, seq)``, e.g. at a cached decoding step, is not applied).
+``(batch, seq)``, e.g. at a cached decoding step, is not applied). A batch may carry
+``token_weight`` ``(batch, seq)`` (not passed to the model): each position's inputs then count
+that many times in the encoder's (or a decoder-only model's) statistics, e.g. to weight the
+position a classification head reads.
 """
 
 from __future__ import annotations
@@ -59,7 +62,12 @@ class _Recorder:
         mask = self.masks[self.which]  # this FFN's stack's padding mask (encoder or decoder)
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
             mask = None  # not this call's positions (e.g. a cached decoding step): keep every token
-        self.acc.update(x.detach(), None if mask is None else mask.to(x.device).bool())
+        weight = self.masks[2] if self.which == 0 else None
+        if weight is not None and tuple(weight.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"calibration token_weight has shape {tuple(weight.shape)}, but this FFN's inputs are "
+                             f"{tuple(x.shape[:-1])} positions; give one weight per input position")
+        self.acc.update(x.detach(), None if mask is None else mask.to(x.device).bool(),
+                        None if weight is None else weight.to(x.device))
 
 
 def _mask_index(model: nn.Module, name: str) -> int:
@@ -76,12 +84,13 @@ def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module
     per target FFN name, ``{"up": ..., "down": ..., "gate": ...}`` input second moments of its
     matrices (``gate`` only for gated FFNs).
 
-    ``batches``: dicts of model inputs (``model(**batch)``) or tensors (``model(batch)``).
+    ``batches``: dicts of model inputs (``model(**batch)``; an optional ``token_weight``
+    ``(batch, seq)`` entry weights the positions, see the module docstring) or tensors (``model(batch)``).
     Raises ``ValueError`` when a matrix is not held by a module whose input can be hooked, or
     when no calibration token reached a matrix.
     """
     stats: dict[str, dict[str, InputCovariance]] = {}
-    hooks, masks = [], [None, None]
+    hooks, masks = [], [None, None, None]  # attention_mask, decoder_attention_mask, token_weight
     try:
         for name, ffn in targets:
             spec = get_adapter(ffn).extract(ffn)
@@ -104,10 +113,12 @@ def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module
             with torch.no_grad():
                 for batch in tqdm(batches, desc="calibrating", disable=not progress):
                     if isinstance(batch, Mapping):
+                        inputs = {k: v for k, v in batch.items() if k != "token_weight"}
                         masks[0], masks[1] = batch.get("attention_mask"), batch.get("decoder_attention_mask")
-                        model(**batch)
+                        masks[2] = batch.get("token_weight")
+                        model(**inputs)
                     else:
-                        masks[0] = masks[1] = None
+                        masks[0] = masks[1] = masks[2] = None
                         model(batch)
         finally:
             model.train(was_training)

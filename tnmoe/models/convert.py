@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..networks import MPO
+from ..networks import MPO, allocate_bonds, factorize
 from ..networks.decompose import check_finite
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from ..moe.config import MoEConfig
@@ -32,7 +33,7 @@ from .routed import (
 )
 
 __all__ = ["build_moe_layer", "convert", "find_target_modules", "get_moe_config", "converted_modules",
-           "ParameterCount", "count_parameters", "print_trainable_parameters", "conversion_errors", "ffn_dimensions"]
+           "ParameterCount", "count_parameters", "print_trainable_parameters", "conversion_errors", "fit_reports", "ffn_dimensions"]
 
 
 def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
@@ -54,13 +55,15 @@ def _make_router(config: MoEConfig, d_model: int, seed: int) -> nn.Module:
 
 def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained",
                     generator: torch.Generator | None = None, seed: int | None = None,
-                    calibration: dict | None = None, fit_options: dict | None = None) -> MoELayer:
+                    calibration: dict | None = None, fit_options: dict | None = None,
+                    name: str | None = None) -> MoELayer:
     """An :class:`MoELayer` shaped after ``spec``; with ``init="pretrained"`` every expert starts
     as the MPO decomposition (or copy) of the pretrained matrices, ``"empty"`` leaves the
     weights uninitialized (to be loaded from a checkpoint). Meta tensors give a meta layer.
     ``calibration``: ``{"up"/"down"/"gate": InputCovariance}`` of the FFN's matrices: truncated
     MPO experts are then fitted to the matrices' outputs (``tnmoe.networks.fit``) instead of
-    TT-SVD; ``fit_options`` go to that fit."""
+    TT-SVD; ``fit_options`` go to that fit. ``name``: the FFN's module name, under which
+    ``config.bond_dims`` gives its matrices' bonds (``"<name>.up"``, ...)."""
     if init not in ("pretrained", "empty"):
         raise ValueError(f"init must be 'pretrained' or 'empty', got {init!r}")
     E = config.upcycling_shape()[0]
@@ -82,13 +85,16 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
             if load:
                 b.load_matrix(W.detach(), config.init_noise, generator)
             return b
-        b = empty_mpo_bank(E, out_dim, in_dim, config, dtype=dtype, device=device)
+        bonds = config.bonds_for(f"{name}.{role}") if name is not None else None
+        b = empty_mpo_bank(E, out_dim, in_dim, config, dtype=dtype, device=device, bond_dims=bonds)
         in_f, out_f = b.in_factors, b.out_factors
         if load:
             w = W.detach()
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-            cov = calibration.get(role) if calibration and config.max_bond is not None else None
-            mpo = MPO.from_matrix(w, in_f, out_f, max_bond=config.max_bond, calibration=cov, fit_options=fit_options)
+            truncating = config.max_bond is not None or bonds is not None
+            cov = calibration.get(role) if calibration and truncating else None
+            mpo = MPO.from_matrix(w, in_f, out_f, max_bond=None if bonds is not None else config.max_bond,
+                                  bond_dims=bonds, calibration=cov, fit_options=fit_options)
             b.fit_report = getattr(mpo, "fit_report", None)  # data-aware fit's FitReport (None: TT-SVD)
             b.load_mpo(mpo, config.init_noise, generator)
             w64 = w.double()
@@ -214,6 +220,7 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
         for name, _ in targets:
             _context_owner(modules, name, context_inputs)
     covariances = _calibrate(model, targets, config, init, calibration, progress)
+    config = _resolve_budget(model, targets, config, init, covariances)
     gen = torch.Generator().manual_seed(config.seed)
     built = []
     for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
@@ -230,7 +237,7 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
                 if adapter.verify_by_probe and init == "pretrained":
                     verify_dense_extraction(name, module, spec)
                 layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i,
-                                        calibration=covariances.get(name), fit_options=fit_options)
+                                        calibration=covariances.get(name), fit_options=fit_options, name=name)
         except ValueError as err:
             raise ValueError(f"cannot convert {name!r} (model left unchanged): {err}") from None
         layer.train(module.training)
@@ -255,11 +262,51 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     return model
 
 
+def _truncates(config: MoEConfig) -> bool:
+    return config.max_bond is not None or config.target_ratio is not None or bool(config.bond_dims)
+
+
+def _ffn_matrices(spec: FFNSpec) -> dict[str, torch.Tensor]:
+    return {role: w for role, w in (("up", spec.up), ("gate", spec.gate), ("down", spec.down)) if w is not None}
+
+
+def _resolve_budget(model: nn.Module, targets, config: MoEConfig, init: str, covariances: dict) -> MoEConfig:
+    """``config`` with ``bond_dims`` chosen for ``target_ratio`` (unchanged without one, or when
+    ``bond_dims`` already records the choice, as in a checkpoint's config)."""
+    if config.target_ratio is None or config.expert_type != "mpo":
+        return config
+    routed = [name for name, module in targets if get_adapter(module).routed_experts]
+    if routed:
+        raise ValueError(f"target_ratio= chooses bonds for upcycled dense FFNs; {routed[:3]} hold an MoE model's "
+                         "routed experts (compress those with tnmoe.moe.compress) (model left unchanged)")
+    names = [f"{name}.{role}" for name, module in targets for role in _ffn_matrices(get_adapter(module).extract(module))]
+    if config.bond_dims is not None:
+        missing = [n for n in names if n not in config.bond_dims]
+        if missing:
+            raise ValueError(f"config.bond_dims (recorded for target_ratio={config.target_ratio}) has no bonds for "
+                             f"{missing[:3]}: this config was made for another model or other target_modules")
+        return config
+    if init != "pretrained":
+        raise ValueError(f"target_ratio={config.target_ratio} chooses bonds from the pretrained weights, which "
+                         "init='empty' does not read; give the bonds (config.bond_dims, as a converted model's "
+                         "config records them) instead")
+    matrices, factors, calib = [], [], []
+    for name, module in targets:
+        for role, w in _ffn_matrices(get_adapter(module).extract(module)).items():
+            out_dim, in_dim = w.shape
+            factors.append((factorize(in_dim, config.factors_for(in_dim)), factorize(out_dim, config.factors_for(out_dim))))
+            matrices.append(w.detach())
+            calib.append(covariances.get(name, {}).get(role))
+    bonds = allocate_bonds(matrices, factors, config.target_ratio,
+                           calibration=calib if any(c is not None for c in calib) else None)
+    return dataclasses.replace(config, bond_dims=dict(zip(names, bonds)))
+
+
 def _calibrate(model: nn.Module, targets, config: MoEConfig, init: str, calibration, progress: bool) -> dict:
     """Per target name, its matrices' input second moments (empty when nothing is fitted)."""
     if calibration is None:
         return {}
-    if config.expert_type != "mpo" or config.max_bond is None or init != "pretrained":
+    if config.expert_type != "mpo" or not _truncates(config) or init != "pretrained":
         warnings.warn("calibration= ignored: it fits truncated MPO experts (expert_type='mpo', max_bond set, "
                       "init='pretrained'); this conversion is exact or loads no pretrained weights")
         return {}
@@ -431,6 +478,14 @@ def conversion_errors(model: nn.Module) -> dict[str, float]:
     for models loaded from a checkpoint (the pretrained matrices are not kept)."""
     return {name: m.conversion_error for name, m in model.named_modules()
             if isinstance(m, MPOExpertBank) and m.conversion_error is not None}
+
+
+def fit_reports(model: nn.Module) -> dict:
+    """The data-aware fit's :class:`~tnmoe.networks.fit.FitReport` of every MPO expert bank that
+    :func:`convert` fitted with ``calibration=`` (weight and output errors per matrix, TT-SVD's at
+    the same bonds, damping), by bank name; empty for TT-SVD conversions and loaded checkpoints."""
+    return {name: m.fit_report for name, m in model.named_modules()
+            if isinstance(m, MPOExpertBank) and getattr(m, "fit_report", None) is not None}
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:

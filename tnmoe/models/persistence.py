@@ -544,6 +544,11 @@ def _convert_from_record(model: nn.Module) -> None:
         expected = _relocate(expected, model)
         if config.target_modules is not None and expected != record["moe_modules"]:
             config = dataclasses.replace(config, target_modules=expected)
+        if config.bond_dims and expected != record["moe_modules"]:  # per-matrix bonds follow their modules
+            moved = dict(zip(record["moe_modules"], expected))
+            config = dataclasses.replace(config, bond_dims={
+                moved.get(key.rpartition(".")[0], key.rpartition(".")[0]) + "." + key.rpartition(".")[2]: bonds
+                for key, bonds in config.bond_dims.items()})
     # transformers' loader builds models on the meta device and fills in the checkpoint's weights;
     # a model built for real (``from_config``) decomposes its freshly initialized FFNs instead
     init = "empty" if any(p.is_meta for p in model.parameters()) else "pretrained"

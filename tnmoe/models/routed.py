@@ -66,14 +66,16 @@ def check_routed_config(config: MoEConfig, spec: ExpertsSpec, name: str, *, load
 
 
 def empty_mpo_bank(num_experts: int, out_dim: int, in_dim: int, config: MoEConfig, *,
-                   dtype: torch.dtype, device) -> MPOExpertBank:
+                   dtype: torch.dtype, device, bond_dims: list[int] | None = None) -> MPOExpertBank:
     """An uninitialised :class:`MPOExpertBank` of ``num_experts`` ``(out_dim, in_dim)`` matrices
-    factorized as ``config`` says (``factors`` / ``m``, ``max_bond``, ``share``)."""
+    factorized as ``config`` says (``factors`` / ``m``, ``max_bond``, ``share``); ``bond_dims``
+    (inner bonds) instead of ``max_bond`` when given."""
     in_f = factorize(in_dim, config.factors_for(in_dim))
     out_f = factorize(out_dim, config.factors_for(out_dim))
     if len(in_f) != len(out_f):
         raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
-    return MPOExpertBank(num_experts=num_experts, in_factors=in_f, out_factors=out_f, max_bond=config.max_bond,
+    return MPOExpertBank(num_experts=num_experts, in_factors=in_f, out_factors=out_f,
+                         max_bond=None if bond_dims is not None else config.max_bond, bond_dims=bond_dims,
                          share=config.share, init="empty", dtype=dtype, device=device)
 
 
@@ -146,6 +148,12 @@ def _tolerance(dtype: torch.dtype) -> float:
     return (64 if dtype in (torch.float32, torch.float64) else 8) * eps
 
 
+def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The naive reference's dtype: float64 for a float64 model (its tolerance is float64's), else
+    float32 (half-precision models are compared against a float32 reference)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module):
     modes = [(m, m.training) for m in module.modules()]
@@ -179,7 +187,7 @@ def verify_dense_extraction(name: str, module: nn.Module, spec: FFNSpec) -> None
         return None if t is None else t.unsqueeze(0)
     single = ExpertsSpec(up=one(spec.up), down=one(spec.down), gate=one(spec.gate), activation=spec.activation,
                          up_bias=one(spec.up_bias), down_bias=one(spec.down_bias), top_k=1)
-    want = experts_forward(single, x.float(), 0)
+    want = experts_forward(single, x.to(_reference_dtype(x.dtype)), 0)
     with _eval_mode(module):
         got = module(x)
     if not isinstance(got, torch.Tensor):
@@ -200,10 +208,11 @@ def verify_experts_extraction(name: str, module: nn.Module, spec: ExpertsSpec) -
     x = torch.randn(T, spec.d_model, generator=g).to(device=spec.up.device, dtype=spec.up.dtype)
     index = (torch.arange(T).unsqueeze(1) + torch.arange(k).unsqueeze(0)) % E  # k distinct, all experts hit
     weights = torch.rand(T, k, generator=g) + 0.5
-    want = torch.zeros(T, spec.d_model, dtype=torch.float32, device=x.device)
+    ref = _reference_dtype(x.dtype)
+    want = torch.zeros(T, spec.d_model, dtype=ref, device=x.device)
     for e in range(E):
         tok, slot = (index == e).nonzero(as_tuple=True)
-        y = experts_forward(spec, x[tok.to(x.device)].float(), e)
+        y = experts_forward(spec, x[tok.to(x.device)].to(ref), e)
         want.index_add_(0, tok.to(x.device), y * weights[tok, slot].unsqueeze(1).to(x.device))
     route = index.to(x.device)
     if spec.routing == "one_hot":

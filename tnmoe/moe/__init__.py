@@ -36,7 +36,9 @@ _MODEL_NAMES = [
     "count_parameters", "print_trainable_parameters", "ParameterCount", "save_pretrained", "from_pretrained",
     "load_weights", "FFNAdapter", "FFNSpec", "register_adapter", "unregister_adapter", "registered_adapters",
     "ExpertsAdapter", "ExpertsSpec", "register_structural_adapter",
-    "GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "ffn_dimensions",
+    "GradientMaskCallback", "MoETrainer", "MoETrainerMixin", "ffn_dimensions", "fit_reports",
+    "truncate_ffns", "TruncatedMatrix", "TRUNCATION_METHODS",
+    "compress", "CompressionReport", "LayerCompression", "low_rank_factors",
 ]
 __all__ = _LAYER_NAMES + _MODEL_NAMES
 

@@ -81,11 +81,12 @@ class MPOExpertBank(MPOBank):
     def __init__(self, *, num_experts: int, in_factors: Sequence[int], out_factors: Sequence[int],
                  max_bond: int | None = None, share: str | Sequence[int] = "central", init: str = "random",
                  engine: ContractionEngine | None = None, cache_weights: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 bond_dims: Sequence[int] | None = None) -> None:
         _check_num_experts(num_experts)
         super().__init__(num_matrices=num_experts, in_factors=in_factors, out_factors=out_factors,
                          max_bond=max_bond, share=share, init=init, engine=engine,
-                         cache_weights=cache_weights, dtype=dtype, device=device)
+                         cache_weights=cache_weights, dtype=dtype, device=device, bond_dims=bond_dims)
         #: expert matmul implementation, see :func:`grouped_linear`
         self.grouped_impl = "auto"
 
@@ -110,8 +111,17 @@ class MPOExpertBank(MPOBank):
         per_expert = max(1, x.shape[0] // self.num_experts)
         if not use_cache and not self.accumulating and self.stream_is_cheaper(per_expert):
             counts = counts.tolist() if isinstance(counts, torch.Tensor) else counts
+            active = [e for e in range(self.num_experts) if counts[e] > 0]
+            n = counts[active[0]]
+            if len(active) > 1 and all(counts[e] == n for e in active) \
+                    and self.engine.stream_method(self.core_shapes, n) == "chain":
+                # the same token count per active expert (decode: one token each): one batched
+                # GEMM per core for all of them instead of a Python loop over the experts
+                y = self.stream_batched(x.reshape(len(active), n, self.in_features),
+                                        None if len(active) == self.num_experts else active)
+                return y.reshape(-1, self.out_features)
             pieces = torch.split(x, counts)
-            return torch.cat([self.stream(pieces[e], e) for e in range(self.num_experts) if counts[e] > 0], 0)
+            return torch.cat([self.stream(pieces[e], e) for e in active], 0)
         if not use_cache and not self.accumulating and not self._needs_core_grad() \
                 and not torch.compiler.is_compiling():
             # inference without a cache (cache_weights=False or over the cache budget): rebuild

@@ -64,6 +64,14 @@ class MoEConfig:
             matrix ``(d_ff, d_model)`` uses ``factors[d_ff]`` x ``factors[d_model]`` and the down
             matrix the reverse.
         max_bond: bond cap (``None``: lossless, so converted models reproduce the original).
+        target_ratio: instead of ``max_bond``, keep this fraction of the converted FFN matrices'
+            parameters (one MPO per matrix against its dense size, summed over every converted
+            matrix): :func:`tnmoe.moe.convert` chooses each matrix's bonds by the error each bond
+            costs, across layers (:func:`tnmoe.networks.allocate_bonds`; whitened by the inputs
+            when ``calibration=`` is given), and records them in ``bond_dims``.
+        bond_dims: per-matrix inner bonds ``{"<FFN module name>.<up|gate|down>": [r_1, ...,
+            r_{m-1}]}``; filled in by ``convert`` from ``target_ratio`` (so checkpoints rebuild
+            the same shapes) or given directly; matrices not named use ``max_bond``.
         capacity_factor / drop_tokens: training capacity ``ceil(T*k*cf/E)``; ``None`` or
             ``drop_tokens=False`` keeps every token. eval_capacity_factor: the same in eval mode
             (``None``: no dropping at inference).
@@ -104,6 +112,8 @@ class MoEConfig:
     m: int = 5
     factors: dict[int, list[int]] = field(default_factory=dict)
     max_bond: int | None = None
+    target_ratio: float | None = None
+    bond_dims: dict[str, list[int]] | None = None
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = None
     drop_tokens: bool = True
@@ -123,6 +133,10 @@ class MoEConfig:
         if not isinstance(self.factors, dict):
             raise ValueError(f"factors must be a dict {{dim: [factors]}}, got {self.factors!r}")
         self.factors = {int(k): list(v) for k, v in self.factors.items()}
+        if self.bond_dims is not None:
+            if not isinstance(self.bond_dims, dict):
+                raise ValueError(f"bond_dims must be a dict {{'<module>.<role>': [bonds]}}, got {self.bond_dims!r}")
+            self.bond_dims = {str(k): list(v) for k, v in self.bond_dims.items()}
         if isinstance(self.share, tuple):
             self.share = list(self.share)
         if isinstance(self.target_modules, tuple):
@@ -177,6 +191,16 @@ class MoEConfig:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if self.max_bond is not None:
             _int("max_bond", self.max_bond, 1, "None means lossless bonds")
+        if self.target_ratio is not None:
+            _number("target_ratio", self.target_ratio, 0.0, None)
+            if not 0.0 < self.target_ratio <= 1.0:
+                raise ValueError(f"target_ratio must be in (0, 1] (the fraction of parameters to keep), got {self.target_ratio!r}")
+            if self.max_bond is not None:
+                raise ValueError(f"give max_bond or target_ratio, not both (got max_bond={self.max_bond}, "
+                                 f"target_ratio={self.target_ratio})")
+        for key, bonds in (self.bond_dims or {}).items():
+            if not bonds or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in bonds):
+                raise ValueError(f"bond_dims[{key!r}] must be a list of positive integers (the inner bonds), got {bonds!r}")
         if isinstance(self.share, str):
             _choice("share", self.share, SHARE_NAMES, "or a list of core indices")
         elif not isinstance(self.share, list) or not all(isinstance(k, int) and not isinstance(k, bool) for k in self.share):
@@ -222,11 +246,17 @@ class MoEConfig:
                 ineffective.append(f"gate_scaling={self.gate_scaling!r} (hash routing has no gate)")
             if self.load_balancing_coef or self.z_loss_coef:
                 ineffective.append("load_balancing_coef / z_loss_coef (hash routing has no logits to balance)")
-        if self.expert_type == "dense" and (self.max_bond is not None or self.factors or self.share != "central"):
-            ineffective.append("max_bond / factors / share (MPO experts only; expert_type='dense')")
+        if self.expert_type == "dense" and (self.max_bond is not None or self.factors or self.share != "central"
+                                            or self.target_ratio is not None or self.bond_dims):
+            ineffective.append("max_bond / target_ratio / bond_dims / factors / share (MPO experts only; "
+                               "expert_type='dense')")
         if ineffective:
             raise ValueError(f"options with no effect for router={self.router!r}, expert_type={self.expert_type!r}: "
                              + "; ".join(ineffective) + ". Remove them or pick the router/expert type they belong to.")
+
+    def bonds_for(self, matrix: str) -> list[int] | None:
+        """The inner bonds :attr:`bond_dims` gives matrix ``"<module>.<role>"`` (``None``: use ``max_bond``)."""
+        return None if self.bond_dims is None else self.bond_dims.get(matrix)
 
     def factors_for(self, dim: int) -> list[int] | int:
         return self.factors.get(dim, self.m if not self.factors else len(next(iter(self.factors.values()))))

@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..runtime import freed_cpu_memory_retained
 from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed
-from .contraction import ContractionEngine, ContractionPlan, default_engine
+from .contraction import ContractionEngine, ContractionPlan, default_engine, stream_chain_batched
 from .decompose import check_bond
 from .factorize import check_factors
 from .mpo import MPO, mpo_core_shapes, scale_cores_to_std, spread
@@ -82,14 +82,16 @@ class MPOBank(nn.Module):
     Weight cache: :meth:`weights_for_inference` serves the rebuilt weights from a cache exactly
     when :func:`~tnmoe.networks.inference_cache_allowed` holds (eval mode, and no gradient can
     reach the cores) and ``cache_weights`` is on; a cached value is reused only while every core
-    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`): values compared with a
-    snapshot on every call, or, inside :func:`frozen_weights`, version counters and storages
+    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`): values compared on every
+    call (a digest in host memory, a snapshot on accelerators), or, inside :func:`frozen_weights`, version counters and storages
     only (O(1); edits are refused loudly).
 
     Args (keyword-only):
         num_matrices: ``E``.
         in_factors / out_factors: local dims (``prod`` = in / out features), same length m.
         max_bond: bond cap (``None``: lossless bonds).
+        bond_dims: instead of ``max_bond``, the m-1 inner bonds (each capped at lossless), e.g.
+            chosen per matrix by a budget (:func:`~tnmoe.networks.fit.allocate_bonds`).
         share: cores shared by all matrices (:func:`resolve_share`).
         init: ``"random"`` (Gaussian cores scaled to ``nn.Linear``'s weight variance
             ``1 / (3 in)``) or ``"empty"`` (uninitialized, to be loaded).
@@ -110,6 +112,7 @@ class MPOBank(nn.Module):
         cache_weights: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        bond_dims: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_matrices, bool) or not isinstance(num_matrices, int) or num_matrices < 1:
@@ -120,7 +123,14 @@ class MPOBank(nn.Module):
         in_factors = check_factors(math.prod(in_factors), in_factors, "input dimension")
         out_factors = check_factors(math.prod(out_factors), out_factors, "output dimension")
         shared = resolve_share(share, len(in_factors))
-        shapes = mpo_core_shapes(in_factors, out_factors, max_bond)
+        if bond_dims is None:
+            shapes = mpo_core_shapes(in_factors, out_factors, max_bond)
+        else:
+            from .fit import resolve_bonds
+
+            inner = resolve_bonds(in_factors, out_factors, max_bond, bond_dims)
+            bonds = [1, *inner, 1]
+            shapes = [(bonds[k], o, i, bonds[k + 1]) for k, (o, i) in enumerate(zip(out_factors, in_factors))]
         factory = {"dtype": dtype or torch.get_default_dtype(), "device": device}
         cores = [torch.empty(((num_matrices,) if k not in shared else ()) + s, **factory)
                  for k, s in enumerate(shapes)]
@@ -416,6 +426,22 @@ class MPOBank(nn.Module):
             y = self.engine.stream(x.to(work[0].dtype), work)
         return y.to(self._out_dtype())
 
+    def stream_batched(self, x: torch.Tensor, matrices: Sequence[int] | None = None) -> torch.Tensor:
+        """``x[j] @ W_{matrices[j]}.T`` for ``x`` ``(B, N, in)`` (the same ``N`` tokens per
+        matrix): all ``B`` matrices streamed at once (:func:`~tnmoe.networks.contraction.stream_chain_batched`);
+        ``matrices=None``: every matrix of the bank, in order. Returns ``(B, N, out)``."""
+        if matrices is None:
+            cores = list(self.cores)
+            if any(self.batched) and x.shape[0] != self.num_matrices:
+                raise ValueError(f"x holds {x.shape[0]} matrices' tokens; the bank has {self.num_matrices}")
+        else:
+            index = torch.as_tensor(list(matrices), dtype=torch.long, device=self.cores[0].device)
+            cores = [c.index_select(0, index) if b else c for c, b in zip(self.cores, self.batched)]
+        with torch.autocast(x.device.type, enabled=False):
+            work = self._work(cores)
+            y = stream_chain_batched(x.to(work[0].dtype), work)
+        return y.to(self._out_dtype())
+
     def stream_is_cheaper(self, tokens: int, weight_cached: bool = False) -> bool:
         """Whether streaming ``tokens`` tokens through one matrix beats reconstruct+matmul
         (the engine's :meth:`~tnmoe.networks.ContractionEngine.stream_threshold`)."""
@@ -586,9 +612,9 @@ def set_weight_cache_budget(module: nn.Module, budget_bytes: int | None) -> list
     elements of the cores' dtype each) fit in ``budget_bytes`` together; every other bank gets
     ``cache_weights = False`` and its cache is emptied now, so in inference it streams tokens
     through the cores, or rebuilds only the matrices that have tokens, per call. ``None``:
-    no bound (every bank caches). A static plan: nothing is checked per call. The checked
-    default cache also keeps a copy of the cores per cached bank (not counted; none inside
-    :func:`frozen_weights`). Returns one row per bank: ``{"name", "bytes", "cached"}``."""
+    no bound (every bank caches). A static plan: nothing is checked per call. On an
+    accelerator the checked default cache also keeps a copy of the cores per cached bank (not
+    counted; none in host memory, none inside :func:`frozen_weights`). Returns one row per bank: ``{"name", "bytes", "cached"}``."""
     if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
                                      or budget_bytes < 0):
         raise ValueError(f"budget_bytes must be a non-negative integer or None, got {budget_bytes!r}")

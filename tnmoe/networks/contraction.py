@@ -280,6 +280,25 @@ def stream_chain(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor
     return state.reshape(n, acc)
 
 
+def stream_chain_batched(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`stream_chain` for ``B`` matrices at once: tokens ``x`` ``(B, N, in)`` (``N`` tokens
+    per matrix), cores ``(B, r, o_k, i_k, r')`` (one per matrix) or ``(r, o_k, i_k, r')`` (shared
+    by all); returns ``(B, N, out)``. One batched GEMM per core (``torch.matmul`` broadcasts a
+    shared core), so the per-core Python runs once for all ``B`` matrices, not ``B`` times."""
+    b, n = int(x.shape[0]), int(x.shape[1])
+    ins = [int(c.shape[-2]) for c in cores]
+    left, acc = _prod(ins), 1
+    state = x.reshape(b, n * left, 1, 1)
+    for core in reversed(cores):
+        r, o, i, r2 = (int(d) for d in core.shape[-4:])
+        left //= i
+        state = state.reshape(b, n * left, i, acc, r2).transpose(2, 3).reshape(b, -1, i * r2)
+        state = state @ core.reshape(*core.shape[:-4], r * o, i * r2).transpose(-1, -2)  # (b, rows, r*o)
+        state = state.reshape(b, n * left, acc, r, o).permute(0, 1, 4, 2, 3)
+        acc *= o
+    return state.reshape(b, n, acc)
+
+
 # Planning results are constants for torch.compile: computed (and cached) at trace time, once.
 @torch.compiler.assume_constant_result
 def _constant_stream_method(engine: ContractionEngine, shapes: tuple[Shape, ...]) -> str:

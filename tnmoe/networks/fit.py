@@ -68,7 +68,8 @@ class InputCovariance:
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = int(in_features)
         self.sum_outer = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
-        self.count = 0
+        self.count = 0  # rows added
+        self.total_weight = 0.0  # their weights' sum (= count without weights)
 
     @classmethod
     def from_matrix(cls, covariance: torch.Tensor, count: int | None = None) -> "InputCovariance":
@@ -80,28 +81,45 @@ class InputCovariance:
         c = cls(covariance.shape[0], covariance.device)
         c.sum_outer = 0.5 * (covariance.double() + covariance.double().T)
         c.count = 1 if count is None else int(count)
+        c.total_weight = float(c.count)
         if count is not None:
             c.sum_outer *= count
         return c
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` ``(..., in)``; ``mask`` ``(...)``: only where true; ``weight``
+        ``(...)``: non-negative weight per row (``C = sum_t w_t x_t x_t^T / sum_t w_t``)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        if weight is not None and tuple(weight.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"weight must have the rows' shape {tuple(x.shape[:-1])}, got {tuple(weight.shape)}")
         if mask is not None:
-            x = x[mask.to(torch.bool)]
+            keep = mask.to(torch.bool)
+            x = x[keep]
+            weight = None if weight is None else weight[keep]
         x = x.reshape(-1, self.in_features).to(device=self.sum_outer.device, dtype=torch.float64)
         if x.shape[0] == 0:
             return
         check_finite(x, "the calibration inputs")
-        self.sum_outer.addmm_(x.T, x)
+        if weight is None:
+            self.sum_outer.addmm_(x.T, x)
+            self.total_weight += x.shape[0]
+        else:
+            w = weight.reshape(-1).to(device=x.device, dtype=torch.float64)
+            check_finite(w, "the calibration weights")
+            if bool((w < 0).any()):
+                raise ValueError("calibration weights must be non-negative")
+            self.sum_outer.addmm_((x * w[:, None]).T, x)
+            self.total_weight += float(w.sum())
         self.count += x.shape[0]
 
     def covariance(self) -> torch.Tensor:
         """``(in, in)`` float64 second moment."""
-        if self.count == 0:
-            raise ValueError("no calibration inputs were accumulated (count is 0): run calibration batches first")
-        return self.sum_outer / self.count
+        if self.count == 0 or self.total_weight <= 0:
+            raise ValueError("no calibration inputs were accumulated (count or total weight is 0): run calibration "
+                             "batches first")
+        return self.sum_outer / self.total_weight
 
     def __repr__(self) -> str:
         return f"InputCovariance(in_features={self.in_features}, count={self.count})"

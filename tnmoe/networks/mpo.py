@@ -168,6 +168,7 @@ class MPO:
         calibration=None,
         target_ratio: float | None = None,
         fit_options: dict | None = None,
+        bond_dims: Sequence[int] | None = None,
     ) -> "MPO":
         """TT-SVD of ``W`` (shape ``(prod(out_factors), prod(in_factors))``), or with
         ``calibration`` the data-aware fit of :func:`tnmoe.networks.fit.fit_mpo_bank`.
@@ -189,10 +190,12 @@ class MPO:
                 each costs (:func:`~tnmoe.networks.fit.allocate_bonds`; whitened by
                 ``calibration`` when given); instead of ``max_bond``.
             fit_options: keyword arguments of ``fit_mpo_bank`` (``sweeps``, ``progress``, ...).
+            bond_dims: the m-1 inner bonds (each capped at lossless), instead of ``max_bond`` /
+                ``target_ratio`` (e.g. bonds a budget chose across several matrices).
         """
-        if calibration is not None or target_ratio is not None:
+        if calibration is not None or target_ratio is not None or bond_dims is not None:
             return cls._from_matrix_budgeted(W, in_factors, out_factors, max_bond, rtol, center,
-                                             calibration, target_ratio, fit_options)
+                                             calibration, target_ratio, fit_options, bond_dims)
         if W.dim() != 2:
             raise ValueError(f"from_matrix needs a 2-d matrix, got shape {tuple(W.shape)}")
         if len(in_factors) != len(out_factors):
@@ -221,13 +224,14 @@ class MPO:
 
     @classmethod
     def _from_matrix_budgeted(cls, W, in_factors, out_factors, max_bond, rtol, center, calibration,
-                              target_ratio, fit_options) -> "MPO":
-        from .fit import allocate_bonds, fit_mpo_bank, tt_svd_with_bonds
+                              target_ratio, fit_options, bond_dims=None) -> "MPO":
+        from .fit import allocate_bonds, fit_mpo_bank, resolve_bonds, tt_svd_with_bonds
 
         if rtol is not None:
-            raise ValueError("rtol does not combine with calibration= or target_ratio=: give max_bond or target_ratio")
-        if target_ratio is not None and max_bond is not None:
-            raise ValueError("give max_bond or target_ratio, not both")
+            raise ValueError("rtol does not combine with calibration=, target_ratio= or bond_dims=: give max_bond "
+                             "or target_ratio")
+        if sum(x is not None for x in (target_ratio, max_bond, bond_dims)) > 1:
+            raise ValueError("give one of max_bond, target_ratio and bond_dims")
         if W.dim() != 2:
             raise ValueError(f"from_matrix needs a 2-d matrix, got shape {tuple(W.shape)}")
         out_dim, in_dim = W.shape
@@ -235,13 +239,13 @@ class MPO:
         out_factors = check_factors(out_dim, out_factors, "output (row) dimension")
         check_finite(W, "the matrix W")
         work = W.detach().to(torch.float64)
-        bonds = None
+        bonds = None if bond_dims is None else resolve_bonds(in_factors, out_factors, None, bond_dims)
         if target_ratio is not None:
             bonds = allocate_bonds([work], [(in_factors, out_factors)], target_ratio,
                                    None if calibration is None else [calibration])[0]
         report = None
         if calibration is None:
-            cores = tt_svd_with_bonds(work, in_factors, out_factors, bonds)
+            cores = tt_svd_with_bonds(work, in_factors, out_factors, bonds)  # bonds set: ratio or bond_dims given
         else:
             stacked, report = fit_mpo_bank(work, in_factors, out_factors, calibration=calibration,
                                            max_bond=None if bonds is not None else max_bond,
