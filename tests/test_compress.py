@@ -345,6 +345,13 @@ def test_a_compressed_model_round_trips_through_save_and_load_at_its_compressed_
     assert stored <= size <= stored + 64 * 1024  # the compressed tensors, plus the safetensors header
     assert size - (uncompressed_bytes - experts_bytes) <= 0.5 * experts_bytes + 64 * 1024
     assert report.params_after <= 0.5 * report.params_before
+    # memory-bounded inference by default, also after loading: eval forwards cache no rebuilt matrix
+    from tnmoe.networks import MPOBank
+
+    for m in (model, loaded):
+        banks = [b for b in m.modules() if isinstance(b, MPOBank)]
+        assert banks and not any(b.cache_weights for b in banks)
+        assert all(b.weight_cache.value is None for b in banks)
 
 
 # -- tnmoe-converted models ------------------------------------------------------------------------------

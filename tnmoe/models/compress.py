@@ -192,7 +192,9 @@ def _expert_fields(config: MoEConfig) -> dict:
     """The fields of ``config`` that shape the compressed experts (a converted model's recorded
     config keeps its other fields); per-matrix bond choices of an earlier conversion are dropped."""
     out = {"expert_type": "mpo", "share": config.share, "m": config.m, "factors": config.factors,
-           "max_bond": config.max_bond, "init_noise": 0.0}
+           "max_bond": config.max_bond, "init_noise": 0.0,
+           # memory-bounded inference: a rebuilt-weight cache would hold the uncompressed experts
+           "cache_weights": False}
     names = {f.name for f in dataclasses.fields(MoEConfig)}
     out.update({k: None for k in ("target_ratio", "bond_dims") if k in names})
     return out
@@ -232,7 +234,8 @@ def _find_targets(model: nn.Module, config: MoEConfig) -> list[_Target]:
     if len(routed) != len(found):
         raise ValueError(f"target_modules selects dense FFNs {[n for n, m in found if (n, m) not in routed][:3]}; "
                          "compress replaces routed experts only")
-    return [_Target(n, m, "hf", config) for n, m in routed]
+    recorded = dataclasses.replace(config, cache_weights=False)  # memory-bounded inference, see _expert_fields
+    return [_Target(n, m, "hf", recorded) for n, m in routed]
 
 
 # -- parameter counts -------------------------------------------------------------------------------

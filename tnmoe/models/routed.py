@@ -76,7 +76,8 @@ def empty_mpo_bank(num_experts: int, out_dim: int, in_dim: int, config: MoEConfi
         raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
     return MPOExpertBank(num_experts=num_experts, in_factors=in_f, out_factors=out_f,
                          max_bond=None if bond_dims is not None else config.max_bond, bond_dims=bond_dims,
-                         share=config.share, init="empty", dtype=dtype, device=device)
+                         share=config.share, init="empty", dtype=dtype, device=device,
+                         cache_weights=config.cache_weights)
 
 
 def build_routed_experts(spec: ExpertsSpec, config: MoEConfig, *, init: str = "pretrained") -> RoutedExperts:

@@ -72,6 +72,11 @@ class MoEConfig:
         bond_dims: per-matrix inner bonds ``{"<FFN module name>.<up|gate|down>": [r_1, ...,
             r_{m-1}]}``; filled in by ``convert`` from ``target_ratio`` (so checkpoints rebuild
             the same shapes) or given directly; matrices not named use ``max_bond``.
+        cache_weights: MPO banks may keep their rebuilt matrices in the inference weight cache
+            (``True``, default: fastest, holds ``E * out * in`` per bank, as many bytes as dense
+            experts). ``False``: memory-bounded inference, each call streams tokens through the
+            cores or rebuilds only the experts that have tokens; :func:`tnmoe.moe.compress`
+            records ``False`` (a cache would hold the uncompressed size).
         capacity_factor / drop_tokens: training capacity ``ceil(T*k*cf/E)``; ``None`` or
             ``drop_tokens=False`` keeps every token. eval_capacity_factor: the same in eval mode
             (``None``: no dropping at inference).
@@ -114,6 +119,7 @@ class MoEConfig:
     max_bond: int | None = None
     target_ratio: float | None = None
     bond_dims: dict[str, list[int]] | None = None
+    cache_weights: bool = True
     capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = None
     drop_tokens: bool = True
@@ -207,6 +213,7 @@ class MoEConfig:
             raise ValueError(f"share must be one of {SHARE_NAMES} or a list of core indices, got {self.share!r}")
         check_capacity(self.capacity_factor, self.eval_capacity_factor)
         _bool("drop_tokens", self.drop_tokens)
+        _bool("cache_weights", self.cache_weights)
         _bool("ignore_padding", self.ignore_padding)
         _bool("noisy_gating", self.noisy_gating)
         _bool("router_bias", self.router_bias)
@@ -247,9 +254,10 @@ class MoEConfig:
             if self.load_balancing_coef or self.z_loss_coef:
                 ineffective.append("load_balancing_coef / z_loss_coef (hash routing has no logits to balance)")
         if self.expert_type == "dense" and (self.max_bond is not None or self.factors or self.share != "central"
-                                            or self.target_ratio is not None or self.bond_dims):
-            ineffective.append("max_bond / target_ratio / bond_dims / factors / share (MPO experts only; "
-                               "expert_type='dense')")
+                                            or self.target_ratio is not None or self.bond_dims
+                                            or not self.cache_weights):
+            ineffective.append("max_bond / target_ratio / bond_dims / factors / share / cache_weights=False (MPO "
+                               "experts only; expert_type='dense')")
         if ineffective:
             raise ValueError(f"options with no effect for router={self.router!r}, expert_type={self.expert_type!r}: "
                              + "; ".join(ineffective) + ". Remove them or pick the router/expert type they belong to.")
