@@ -5,6 +5,7 @@
     python results/make_tables.py evidence   # the tables of docs/evidence.md (GLUE, GPT-2, factorization)
     python results/make_tables.py decode     # the table of docs/inference.md (results/benchmarks/decode_cpu.json)
     python results/make_tables.py architectures  # docs/architectures.md (tests/test_model_zoo.py's cases)
+    python results/make_tables.py moe-compression  # writes its table into the docs page, between markers
 Paste them into those pages; ``tests/test_recipes.py`` checks that every printed row is there.
 Also writes ``glue_minilm/comparison.json`` (the GLUE table's numbers, significance included).
 """
@@ -317,7 +318,60 @@ def benchmark_tables():
         rebuild_table(device)
 
 
+MOE_COMPRESSION_START = "<!-- moe-compression table: printed by `python results/make_tables.py moe-compression` -->"
+MOE_COMPRESSION_END = "<!-- end of moe-compression table -->"
+
+
+def moe_compression_doc() -> Path:
+    """The page holding the moe-compression table: docs/compression.md once it has the markers,
+    else docs/moe_compression_study.md."""
+    docs = HERE.parent / "docs"
+    main = docs / "compression.md"
+    if main.is_file() and MOE_COMPRESSION_START in main.read_text():
+        return main
+    return docs / "moe_compression_study.md"
+
+
+def moe_compression_table(path=HERE / "moe_compression" / "summary.json", doc=None):
+    """``recipes/moe_compression.py``'s summary as a markdown table; printed, and written into
+    ``doc`` between :data:`MOE_COMPRESSION_START` / :data:`MOE_COMPRESSION_END` (ValueError if
+    ``doc`` lacks them)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    s = json.loads(path.read_text())
+    rec = s.get("uncompressed_ppl_recovered_mean")
+    lines = [f"Uncompressed: test PPL {s['uncompressed_ppl_mean']:.2f}"
+             + (f", {rec:.2f} after the same recovery fine-tune" if rec is not None else "")
+             + f" (seeds {', '.join(map(str, s['uncompressed_seeds']))}).", "",
+             "| method | family | expert params removed (target) | expert params kept | seeds | test PPL, no retraining "
+             "| test PPL after recovery | MoE block output error |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        def pm(mean, std):
+            return f"{mean:.2f}" + (f" ± {std:.2f}" if len(r["seeds"]) > 1 else "")
+        lines.append(f"| {r['method']} | {r['family']} | {r['removed_percent']}% | {r['expert_param_ratio']:.3f} "
+                     f"| {len(r['seeds'])} | {pm(r['ppl_mean'], r['ppl_std'])} "
+                     f"| {pm(r['ppl_recovered_mean'], r.get('ppl_recovered_std', 0.0))} | {r['output_error_mean']:.4f} |")
+    for f in s.get("not_expressible", []):
+        lines.append(f"\nNot expressible: {f['method']} at {f['removed_percent']}% (seed {f['seed']}): {f['error']}")
+    table = "\n".join(lines)
+    print(table)
+    if doc is None:
+        return
+    doc = Path(doc)
+    text = doc.read_text() if doc.is_file() else ""
+    if MOE_COMPRESSION_START not in text or MOE_COMPRESSION_END not in text:
+        raise ValueError(f"{doc} lacks the markers {MOE_COMPRESSION_START!r} / {MOE_COMPRESSION_END!r}")
+    head, rest = text.split(MOE_COMPRESSION_START, 1)
+    tail = rest.split(MOE_COMPRESSION_END, 1)[1]
+    doc.write_text(f"{head}{MOE_COMPRESSION_START}\n{table}\n{MOE_COMPRESSION_END}{tail}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["moe-compression"]:
+        moe_compression_table(doc=moe_compression_doc())
+        sys.exit()
     if sys.argv[1:] == ["benchmarks"]:
         benchmark_tables()
         sys.exit()
