@@ -6,6 +6,8 @@
     python results/make_tables.py decode     # the table of docs/inference.md (results/benchmarks/decode_cpu.json)
     python results/make_tables.py architectures  # docs/architectures.md (tests/test_model_zoo.py's cases)
     python results/make_tables.py moe-compression  # writes its table into the docs page, between markers
+    python results/make_tables.py conversion  # docs/fitting.md's fine-tuning table, between markers
+    python results/make_tables.py compressed  # docs/compression.md's compressed-inference table
 Paste them into those pages; ``tests/test_recipes.py`` checks that every printed row is there.
 Also writes ``glue_minilm/comparison.json`` (the GLUE table's numbers, significance included).
 """
@@ -368,7 +370,89 @@ def moe_compression_table(path=HERE / "moe_compression" / "summary.json", doc=No
     doc.write_text(f"{head}{MOE_COMPRESSION_START}\n{table}\n{MOE_COMPRESSION_END}{tail}")
 
 
+CONVERSION_START = "<!-- conversion table: printed by `python results/make_tables.py conversion` -->"
+CONVERSION_END = "<!-- end of conversion table -->"
+
+
+def conversion_table(path=HERE / "glue_minilm" / "factorization_stsb" / "factorization.json",
+                     doc=HERE.parent / "docs" / "fitting.md"):
+    """The STS-B factorization study's m = 5 rows at lossless bonds and cap 64 with their
+    conversion (TT-SVD / data-aware MPOE, truncated dense models) as a markdown table, printed and
+    written into ``doc`` between :data:`CONVERSION_START` / :data:`CONVERSION_END`."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows = json.loads(path.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    tt_ref = {r["max_bond"]: r.get("tt_svd_output_error") for r in rows
+              if r.get("m") == 5 and r.get("conversion") == "data-aware" and r["variant"] == "mpoe"}
+    lines = ["| model | conversion | total params | output error at conversion | seeds | test Pearson |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        keep = r.get("m") is None or (r.get("m") == 5 and r.get("max_bond") in ("lossless", "64"))
+        if not keep:
+            continue
+        if r["variant"] == "dense" and r.get("m") is None:
+            name, conv = "dense MiniLM", "-"
+        elif r["variant"] == "truncated":
+            name, conv = "dense, FFN matrices truncated at cap 64", r["conversion"]
+        else:
+            name = f"MPOE, {'lossless' if r['max_bond'] == 'lossless' else 'cap ' + r['max_bond']}"
+            conv = "exact" if r["max_bond"] == "lossless" else r["conversion"]
+        err = r.get("conversion_output_error")
+        if err is None and conv == "tt-svd":
+            err = tt_ref.get(r.get("max_bond"))  # TT-SVD's, measured by the data-aware run's fit report
+        err_text = "0" if conv == "exact" else ("-" if err is None else f"{err:.3f}")
+        mean, std = r["test_score_mean"], r["test_score_std"]
+        lines.append(f"| {name} | {conv} | {r['total_params'] / 1e6:.1f}M | {err_text} | {r['seeds']} | "
+                     f"{mean:.3f}" + (f" ± {std:.3f}" if r["seeds"] > 1 else "") + " |")
+    table = "\n".join(lines)
+    print(table)
+    doc = Path(doc)
+    text = doc.read_text()
+    if CONVERSION_START not in text or CONVERSION_END not in text:
+        raise ValueError(f"{doc} lacks the markers {CONVERSION_START!r} / {CONVERSION_END!r}")
+    head, rest = text.split(CONVERSION_START, 1)
+    tail = rest.split(CONVERSION_END, 1)[1]
+    doc.write_text(f"{head}{CONVERSION_START}\n{table}\n{CONVERSION_END}{tail}")
+
+
+COMPRESSED_START = "<!-- compressed-inference table: printed by `python results/make_tables.py compressed` -->"
+COMPRESSED_END = "<!-- end of compressed-inference table -->"
+
+
+def compressed_table(path=HERE / "benchmarks" / "compressed_cpu.json", doc=HERE.parent / "docs" / "compression.md"):
+    """``benchmarks/bench_compressed.py``'s rows as a markdown table, printed and written into
+    ``doc`` between :data:`COMPRESSED_START` / :data:`COMPRESSED_END`."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    d = json.loads(path.read_text())
+    lines = [f"{d['model']}; {d['ratio']:.0%} of the expert parameters kept; prefill {d['tokens']} tokens, decode "
+             f"{d['new_tokens']} tokens; {d['threads']} thread(s), {d['repeats']} interleaved repeats.", "",
+             "| case | expert memory at inference | prefill vs uncompressed | decode vs uncompressed | decode ms/token |",
+             "|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['case']} | {r['expert_memory_ratio']:.3f}x | {r['prefill_vs_uncompressed']:.2f}x "
+                     f"| {r['decode_vs_uncompressed']:.2f}x | {r['decode_ms_per_token']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    doc = Path(doc)
+    text = doc.read_text()
+    if COMPRESSED_START not in text or COMPRESSED_END not in text:
+        raise ValueError(f"{doc} lacks the markers {COMPRESSED_START!r} / {COMPRESSED_END!r}")
+    head, rest = text.split(COMPRESSED_START, 1)
+    tail = rest.split(COMPRESSED_END, 1)[1]
+    doc.write_text(f"{head}{COMPRESSED_START}\n{table}\n{COMPRESSED_END}{tail}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["compressed"]:
+        compressed_table()
+        sys.exit()
+    if sys.argv[1:] == ["conversion"]:
+        conversion_table()
+        sys.exit()
     if sys.argv[1:] == ["moe-compression"]:
         moe_compression_table(doc=moe_compression_doc())
         sys.exit()

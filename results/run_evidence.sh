@@ -135,13 +135,13 @@ case "${1:-all}" in
     # in order of what the finding needs first: m = 5 at cap 64 (3 seeds), the truncated dense
     # references at cap 64, m = 5 at cap 16, the other m at 64/16 (1 seed), the references at 16
     workers conv --ms 5 --max-bonds 64 --conversions data-aware --core-seeds 1,2,3
-    workers conv --ms 5 --max-bonds 64 --conversions data-aware --core-seeds 1,2,3 --truncated tt-svd,whitened-svd --truncated-seeds 1
+    workers conv --ms 5 --max-bonds 64 --conversions data-aware --core-seeds 1,2,3 --truncated whitened-svd,data-aware,tt-svd --truncated-seeds 1
     workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3
     workers conv --ms 3,7,9 --max-bonds 64,16 --conversions data-aware --core-seeds 1
-    workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3 --truncated tt-svd,whitened-svd --truncated-seeds 1
+    workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3 --truncated whitened-svd,data-aware,tt-svd --truncated-seeds 1
     # the summary over every point, both conversions (missing runs are skipped)
     conv --ms 3,5,7,9 --max-bonds lossless,256,64,16 --conversions tt-svd,data-aware --core-seeds 1,2,3 \
-      --truncated tt-svd,whitened-svd --truncated-seeds 1 --existing-only
+      --truncated whitened-svd,data-aware,tt-svd --truncated-seeds 1 --existing-only
     $PY results/make_tables.py
     ;;
 esac

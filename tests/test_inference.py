@@ -347,3 +347,12 @@ def test_batched_stream_equals_each_experts_stream_and_decode_takes_it(share, mo
         assert calls, "the decode path did not take the batched stream"
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got, per_expert, rtol=1e-12, atol=1e-12)
+
+
+def test_batched_stream_gathers_a_subset_of_experts_only_while_the_copy_is_small():
+    small = MPOExpertBank(num_experts=4, in_factors=[2, 3, 4], out_factors=[4, 2, 3], max_bond=5, share="none")
+    large = MPOExpertBank(num_experts=4, in_factors=[1, 512], out_factors=[1024, 1], max_bond=170, share="none",
+                          init="empty")
+    per_expert = 170 * (1024 + 512) * 4  # bytes of one expert's stacked cores
+    assert per_expert > MPOExpertBank.BATCHED_STREAM_MAX_COPY_BYTES
+    assert small._batch_streams(2) and large._batch_streams(4) and not large._batch_streams(2)
