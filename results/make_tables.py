@@ -127,25 +127,35 @@ def glue_table(write_json: bool = True) -> list[dict]:
 
 
 def factorization_table(path, metric_label):
+    """A factorization study's summary rows; a ``conversion`` column (how truncated points start)
+    when any row was not converted by TT-SVD, and truncated dense models (``--variant
+    truncated``) labelled as such."""
     rows = load(path)
     if not rows:
         return
     key = next(k for k in rows[0] if k.endswith("_mean") and k.startswith("test_"))
+    with_conversion = any(r.get("conversion", "tt-svd") != "tt-svd" or r.get("variant") == "truncated" for r in rows)
+    conv_head, conv_rule = ("conversion | ", "---|") if with_conversion else ("", "")
     print(f"\n`{path}`:\n")
-    print(f"| m | bond cap | seeds | params total (M) | per expert (K) | conversion error | {metric_label} (mean ± std) "
-          "| s/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| m | bond cap | {conv_head}seeds | params total (M) | per expert (K) | conversion error | {metric_label} "
+          "(mean ± std) | s/step |")
+    print(f"|---|---|{conv_rule}---|---|---|---|---|---|")
     def fmt(x, spec, scale=1.0):
         return "-" if x is None else format(x / scale, spec)
 
     for r in rows:
         std = f" ± {r[key.replace('_mean', '_std')]:.3f}" if r["seeds"] > 1 else ""
+        conv = (f"{r.get('conversion', 'tt-svd') if r.get('max_bond', 'lossless') != 'lossless' else 'exact'} | "
+                if with_conversion else "")
         if r.get("m") is None:  # the study's --baseline row (e.g. dense), same recipe arguments
-            print(f"| {r['variant']} (reference) | - | {r['seeds']} | {fmt(r['total_params'], '.2f', 1e6)} | - | - | "
+            print(f"| {r['variant']} (reference) | - | {'- | ' if with_conversion else ''}{r['seeds']} | "
+                  f"{fmt(r['total_params'], '.2f', 1e6)} | - | - | "
                   f"{r[key]:.3f}{std} | {fmt(r.get('seconds_per_step_mean'), '.2f')} |")
             continue
-        print(f"| {r['m']} | {r.get('max_bond', 'lossless')} | {r['seeds']} | {fmt(r['total_params'], '.2f', 1e6)} | "
-              f"{fmt(r.get('per_expert_params'), '.1f', 1e3)} | {fmt(r.get('conversion_error'), '.3g')} | "
+        m = f"{r['m']} (dense, truncated)" if r.get("variant") == "truncated" else r["m"]
+        per_expert = "-" if r.get("variant") == "truncated" else fmt(r.get("per_expert_params"), ".1f", 1e3)
+        print(f"| {m} | {r.get('max_bond', 'lossless')} | {conv}{r['seeds']} | {fmt(r['total_params'], '.2f', 1e6)} | "
+              f"{per_expert} | {fmt(r.get('conversion_error'), '.3g')} | "
               f"{r[key]:.3f}{std} | {fmt(r.get('seconds_per_step_mean'), '.2f')} |")
 
 

@@ -203,6 +203,11 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     experts are fitted to the matrices' outputs instead of TT-SVD
     (:func:`tnmoe.networks.fit.fit_mpo_bank`, options in ``fit_options``); each bank's
     ``fit_report`` records the errors. Ignored, with a warning, where nothing is truncated.
+
+    ``config.target_ratio`` (instead of ``max_bond``): every FFN matrix's bonds are chosen across
+    all converted matrices so one MPO per matrix keeps that fraction of their dense parameters
+    (:func:`tnmoe.networks.allocate_bonds`, whitened by the calibration inputs when given); the
+    choice is recorded as ``bond_dims`` in the config the model records, so checkpoints rebuild it.
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a tnmoe.moe.MoEConfig, got {type(config).__name__}")
