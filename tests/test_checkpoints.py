@@ -102,6 +102,7 @@ def test_import_hook_registers_when_transformers_comes_later(tmp_path):
     torch.save({"batch": batch, "ref": _out(model, batch)}, tmp_path / "ref.pt")
     code = f"""
 import sys, torch
+torch.set_num_threads({torch.get_num_threads()})  # the reference's: bit-equality needs the same kernels' blocking
 import tnmoe.moe
 assert "transformers.models.auto.configuration_auto" not in sys.modules
 from transformers import AutoModelForCausalLM
