@@ -270,6 +270,12 @@ def capture_blocks(model: nn.Module, names: Sequence[str], batches: Sequence[dic
     hooks = [model.get_submodule(b).register_forward_hook(
         lambda mod, args, out, b=b: seen[b].append((args[0].detach().cpu(), _first(out).detach().cpu())))
         for b in blocks]
+    _run_hooked(model, batches, hooks)
+    return seen
+
+
+def _run_hooked(model: nn.Module, batches: Sequence[dict], hooks: list) -> None:
+    """Run ``batches`` through ``model`` in eval mode (no KV cache), then remove ``hooks``, also on error."""
     try:
         model.eval()
         for batch in batches:
@@ -277,7 +283,6 @@ def capture_blocks(model: nn.Module, names: Sequence[str], batches: Sequence[dic
     finally:
         for h in hooks:
             h.remove()
-    return seen
 
 
 def _first(out):
@@ -356,13 +361,7 @@ def routing_statistics(model: nn.Module, names: Sequence[str], batches: Sequence
         return record
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
-    try:
-        model.eval()
-        for batch in batches:
-            model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, hooks)
     return {n: {"counts": s["counts"], "inputs": torch.cat(s["inputs"])} for n, s in stats.items()}
 
 

@@ -330,6 +330,17 @@ def benchmark_tables():
         rebuild_table(device)
 
 
+def write_between_markers(doc: Path, start: str, end: str, table: str) -> None:
+    """Replace what lies between the lines ``start`` and ``end`` of ``doc`` by ``table``
+    (ValueError when ``doc`` lacks either marker)."""
+    text = doc.read_text() if doc.is_file() else ""
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} lacks the markers {start!r} / {end!r}")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    doc.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
 MOE_COMPRESSION_START = "<!-- moe-compression table: printed by `python results/make_tables.py moe-compression` -->"
 MOE_COMPRESSION_END = "<!-- end of moe-compression table -->"
 
@@ -372,12 +383,7 @@ def moe_compression_table(path=HERE / "moe_compression" / "summary.json", doc=No
     if doc is None:
         return
     doc = Path(doc)
-    text = doc.read_text() if doc.is_file() else ""
-    if MOE_COMPRESSION_START not in text or MOE_COMPRESSION_END not in text:
-        raise ValueError(f"{doc} lacks the markers {MOE_COMPRESSION_START!r} / {MOE_COMPRESSION_END!r}")
-    head, rest = text.split(MOE_COMPRESSION_START, 1)
-    tail = rest.split(MOE_COMPRESSION_END, 1)[1]
-    doc.write_text(f"{head}{MOE_COMPRESSION_START}\n{table}\n{MOE_COMPRESSION_END}{tail}")
+    write_between_markers(doc, MOE_COMPRESSION_START, MOE_COMPRESSION_END, table)
 
 
 CONVERSION_START = "<!-- conversion table: printed by `python results/make_tables.py conversion` -->"
@@ -419,12 +425,7 @@ def conversion_table(path=HERE / "glue_minilm" / "factorization_stsb" / "factori
     table = "\n".join(lines)
     print(table)
     doc = Path(doc)
-    text = doc.read_text()
-    if CONVERSION_START not in text or CONVERSION_END not in text:
-        raise ValueError(f"{doc} lacks the markers {CONVERSION_START!r} / {CONVERSION_END!r}")
-    head, rest = text.split(CONVERSION_START, 1)
-    tail = rest.split(CONVERSION_END, 1)[1]
-    doc.write_text(f"{head}{CONVERSION_START}\n{table}\n{CONVERSION_END}{tail}")
+    write_between_markers(doc, CONVERSION_START, CONVERSION_END, table)
 
 
 COMPRESSED_START = "<!-- compressed-inference table: printed by `python results/make_tables.py compressed` -->"
@@ -448,12 +449,7 @@ def compressed_table(path=HERE / "benchmarks" / "compressed_cpu.json", doc=HERE.
     table = "\n".join(lines)
     print(table)
     doc = Path(doc)
-    text = doc.read_text()
-    if COMPRESSED_START not in text or COMPRESSED_END not in text:
-        raise ValueError(f"{doc} lacks the markers {COMPRESSED_START!r} / {COMPRESSED_END!r}")
-    head, rest = text.split(COMPRESSED_START, 1)
-    tail = rest.split(COMPRESSED_END, 1)[1]
-    doc.write_text(f"{head}{COMPRESSED_START}\n{table}\n{COMPRESSED_END}{tail}")
+    write_between_markers(doc, COMPRESSED_START, COMPRESSED_END, table)
 
 
 if __name__ == "__main__":

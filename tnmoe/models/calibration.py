@@ -94,11 +94,8 @@ def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module
     try:
         for name, ffn in targets:
             spec = get_adapter(ffn).extract(ffn)
-            mats = {"up": spec.up, "down": spec.down, "gate": spec.gate}
             stats[name] = {}
-            for role, matrix in mats.items():
-                if matrix is None:
-                    continue
+            for role, matrix in spec.matrices().items():
                 holder = _holder(ffn, matrix)
                 if holder is None:
                     raise ValueError(

@@ -796,16 +796,13 @@ def _fit_targets(model, chosen: list[int], targets, befores, fit_options, device
 
 def _offload_like(new: nn.Module, old: nn.Module, device) -> nn.Module:
     """Offload ``new`` as ``old`` was (accelerate: parameters kept on the CPU, materialised on the
-    execution device for each call), so compressed layers do not pile up on the device. Its
-    MPO banks do not keep a rebuilt-weight cache (which would hold the uncompressed matrices)."""
+    execution device for each call), so compressed layers do not pile up on the device. (Its
+    MPO banks keep no rebuilt-weight cache: every compressed config has ``cache_weights=False``.)"""
     if not _offloaded(old):
         return new
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
     hook = next(m._hf_hook for m in old.modules() if hasattr(m, "_hf_hook"))
-    for bank in new.modules():
-        if isinstance(bank, MPOExpertBank):
-            bank.cache_weights = False
     return add_hook_to_module(new, AlignDevicesHook(execution_device=device or hook.execution_device, offload=True,
                                                     io_same_device=False, place_submodules=True))
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..networks import MPO, allocate_bonds, factorize
+from ..networks import MPO, allocate_bonds
 from ..networks.decompose import check_finite
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from ..moe.config import MoEConfig
@@ -28,6 +28,7 @@ from .routed import (
     build_routed_experts,
     check_routed_config,
     empty_mpo_bank,
+    matrix_factors,
     verify_dense_extraction,
     verify_experts_extraction,
 )
@@ -271,10 +272,6 @@ def _truncates(config: MoEConfig) -> bool:
     return config.max_bond is not None or config.target_ratio is not None or bool(config.bond_dims)
 
 
-def _ffn_matrices(spec: FFNSpec) -> dict[str, torch.Tensor]:
-    return {role: w for role, w in (("up", spec.up), ("gate", spec.gate), ("down", spec.down)) if w is not None}
-
-
 def _resolve_budget(model: nn.Module, targets, config: MoEConfig, init: str, covariances: dict) -> MoEConfig:
     """``config`` with ``bond_dims`` chosen for ``target_ratio`` (unchanged without one, or when
     ``bond_dims`` already records the choice, as in a checkpoint's config)."""
@@ -284,7 +281,7 @@ def _resolve_budget(model: nn.Module, targets, config: MoEConfig, init: str, cov
     if routed:
         raise ValueError(f"target_ratio= chooses bonds for upcycled dense FFNs; {routed[:3]} hold an MoE model's "
                          "routed experts (compress those with tnmoe.moe.compress) (model left unchanged)")
-    names = [f"{name}.{role}" for name, module in targets for role in _ffn_matrices(get_adapter(module).extract(module))]
+    names = [f"{name}.{role}" for name, module in targets for role in get_adapter(module).extract(module).matrices()]
     if config.bond_dims is not None:
         missing = [n for n in names if n not in config.bond_dims]
         if missing:
@@ -297,9 +294,9 @@ def _resolve_budget(model: nn.Module, targets, config: MoEConfig, init: str, cov
                          "config records them) instead")
     matrices, factors, calib = [], [], []
     for name, module in targets:
-        for role, w in _ffn_matrices(get_adapter(module).extract(module)).items():
+        for role, w in get_adapter(module).extract(module).matrices().items():
             out_dim, in_dim = w.shape
-            factors.append((factorize(in_dim, config.factors_for(in_dim)), factorize(out_dim, config.factors_for(out_dim))))
+            factors.append(matrix_factors(config, out_dim, in_dim))
             matrices.append(w.detach())
             calib.append(covariances.get(name, {}).get(role))
     bonds = allocate_bonds(matrices, factors, config.target_ratio,

@@ -65,15 +65,22 @@ def check_routed_config(config: MoEConfig, spec: ExpertsSpec, name: str, *, load
             f"serve. Sharing trained experts' cores needs {_FIT_HINT}")
 
 
+def matrix_factors(config: MoEConfig, out_dim: int, in_dim: int) -> tuple[list[int], list[int]]:
+    """``(in_factors, out_factors)`` of an ``(out_dim, in_dim)`` matrix as ``config`` factorizes
+    it (``factors`` / ``m``); ``ValueError`` when the two factorizations differ in length."""
+    in_f = factorize(in_dim, config.factors_for(in_dim))
+    out_f = factorize(out_dim, config.factors_for(out_dim))
+    if len(in_f) != len(out_f):
+        raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
+    return in_f, out_f
+
+
 def empty_mpo_bank(num_experts: int, out_dim: int, in_dim: int, config: MoEConfig, *,
                    dtype: torch.dtype, device, bond_dims: list[int] | None = None) -> MPOExpertBank:
     """An uninitialised :class:`MPOExpertBank` of ``num_experts`` ``(out_dim, in_dim)`` matrices
     factorized as ``config`` says (``factors`` / ``m``, ``max_bond``, ``share``); ``bond_dims``
     (inner bonds) instead of ``max_bond`` when given."""
-    in_f = factorize(in_dim, config.factors_for(in_dim))
-    out_f = factorize(out_dim, config.factors_for(out_dim))
-    if len(in_f) != len(out_f):
-        raise ValueError(f"factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) differ in length")
+    in_f, out_f = matrix_factors(config, out_dim, in_dim)
     return MPOExpertBank(num_experts=num_experts, in_factors=in_f, out_factors=out_f,
                          max_bond=None if bond_dims is not None else config.max_bond, bond_dims=bond_dims,
                          share=config.share, init="empty", dtype=dtype, device=device,

@@ -17,11 +17,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..moe.config import MoEConfig
-from ..networks import MPO, factorize
+from ..networks import MPO
 from ..networks.fit import output_error, whitened_svd
 from .adapters import get_adapter
 from .calibration import _holder, collect_ffn_covariances
 from .convert import find_target_modules
+from .routed import matrix_factors
 
 __all__ = ["TRUNCATION_METHODS", "TruncatedMatrix", "truncate_ffns"]
 
@@ -81,20 +82,17 @@ def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd"
     planned = []
     for name, module in tqdm(targets, desc=f"truncating FFNs ({method})", disable=not progress):
         spec = get_adapter(module).extract(module)
-        for role, matrix in (("up", spec.up), ("gate", spec.gate), ("down", spec.down)):
-            if matrix is None:
-                continue
+        for role, matrix in spec.matrices().items():
             if _holder(module, matrix) is None:
                 raise ValueError(f"{name}.{role} ({type(module).__name__}) is not held by a linear submodule's weight, "
                                  "so it cannot be replaced in place (model left unchanged)")
             cov = covariances.get(name, {}).get(role)
             W = matrix.detach().double()
             out_dim, in_dim = W.shape
-            in_f = factorize(in_dim, config.factors_for(in_dim))
-            out_f = factorize(out_dim, config.factors_for(out_dim))
-            if len(in_f) != len(out_f):
-                raise ValueError(f"{name}.{role}: factorizations of {in_dim} ({in_f}) and {out_dim} ({out_f}) "
-                                 "differ in length (model left unchanged)")
+            try:
+                in_f, out_f = matrix_factors(config, out_dim, in_dim)
+            except ValueError as err:
+                raise ValueError(f"{name}.{role}: {err} (model left unchanged)") from None
             mpo = MPO.from_matrix(W, in_f, out_f, max_bond=config.max_bond,
                                   calibration=cov if method == "data-aware" else None,
                                   fit_options=fit_options if method == "data-aware" else None)

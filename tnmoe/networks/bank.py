@@ -22,6 +22,7 @@ from ..runtime import freed_cpu_memory_retained
 from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed
 from .contraction import ContractionEngine, ContractionPlan, default_engine, stream_chain_batched
 from .decompose import check_bond
+from .fit import fit_mpo_bank, resolve_bonds
 from .factorize import check_factors
 from .mpo import MPO, mpo_core_shapes, scale_cores_to_std, spread
 
@@ -126,8 +127,6 @@ class MPOBank(nn.Module):
         if bond_dims is None:
             shapes = mpo_core_shapes(in_factors, out_factors, max_bond)
         else:
-            from .fit import resolve_bonds
-
             inner = resolve_bonds(in_factors, out_factors, max_bond, bond_dims)
             bonds = [1, *inner, 1]
             shapes = [(bonds[k], o, i, bonds[k + 1]) for k, (o, i) in enumerate(zip(out_factors, in_factors))]
@@ -253,8 +252,6 @@ class MPOBank(nn.Module):
         :class:`~tnmoe.networks.fit.InputCovariance`), keeping this bank's bonds and shared
         cores (fitted jointly over all matrices); ``options``: of
         :func:`~tnmoe.networks.fit.fit_mpo_bank`. Returns its :class:`~tnmoe.networks.fit.FitReport`."""
-        from .fit import fit_mpo_bank
-
         if targets.dim() != 3 or targets.shape[0] != self.num_matrices:
             raise ValueError(f"targets must be ({self.num_matrices}, out, in), got shape {tuple(targets.shape)}")
         cores, report = fit_mpo_bank(list(targets), self.in_factors, self.out_factors, calibration=calibration,

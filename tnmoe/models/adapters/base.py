@@ -31,6 +31,10 @@ class FFNSpec:
     inner_dropout: float = 0.0
     output_dropout: float = 0.0
 
+    def matrices(self) -> dict[str, torch.Tensor]:
+        """``{"up", "gate", "down"}`` -> matrix, ``gate`` only for a gated FFN."""
+        return {role: w for role, w in (("up", self.up), ("gate", self.gate), ("down", self.down)) if w is not None}
+
     @property
     def d_model(self) -> int:
         return self.up.shape[1]
