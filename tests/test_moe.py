@@ -542,3 +542,15 @@ def test_convert_refuses_an_ffn_registered_under_several_names(shared_parent):
         copies = nn.ModuleDict({"a": TinyFFN(), "b": TinyFFN()})
         moe.convert(copies, MoEConfig(num_experts=2, m=2), progress=False)
     assert sorted(moe.converted_modules(copies)) == ["a", "b"]
+
+
+def test_the_moe_namespace_serves_exactly_the_model_level_names():
+    """``tnmoe.moe._MODEL_NAMES`` (served lazily) and ``tnmoe.models.__all__`` are one list written
+    twice: a name added to one and not the other is either unreachable as ``moe.<name>`` or not
+    exported; every served name resolves to the model-level object itself."""
+    import tnmoe.models as models
+    import tnmoe.moe as moe_namespace
+
+    assert sorted(moe_namespace._MODEL_NAMES) == sorted(models.__all__)
+    for name in moe_namespace._MODEL_NAMES:
+        assert getattr(moe_namespace, name) is getattr(models, name)
