@@ -5,10 +5,11 @@ Models (random weights of the real shapes: speed does not depend on the values; 
 built with ``convert(..., init="empty")`` and random cores, which takes seconds where an SVD
 of every FFN would take minutes): GPT-2-size layers (4 layers, 768/3072, vocab 8k) and a
 LLaMA-style gated model of the same size, 8 experts, Switch router, no token dropping, eval
-mode. MPOE rows are measured three ways:
+mode. MPOE rows are measured up to four ways:
 
-  * ``cached, checked``: the default weight cache (every call compares the cores with a snapshot)
-  * ``cached, frozen_weights``: inside one ``frozen_weights(model)`` block (O(1) validity per call)
+  * ``cached, tracked (default)``: the default weight cache (version counters and storages, O(1) per call)
+  * ``cached, checked``: ``validation="digest"`` (every call also reads the cores: an XXH3 digest)
+  * ``cached, frozen_weights``: inside one ``frozen_weights(model)`` block (O(1), edits refused loudly)
   * ``cache_weights=False``: tokens streamed through the cores, nothing cached
 
 Times are medians of interleaved runs in one process (``_timing.interleaved``); ratios are
@@ -32,7 +33,7 @@ from torch import nn
 from _timing import interleaved, write_report
 import tnmoe.moe as moe
 from tnmoe.moe import DenseExpertBank, MoEConfig
-from tnmoe.networks import MPOBank, MPOLinear, frozen_weights
+from tnmoe.networks import MPOBank, MPOLinear, frozen_weights, set_weight_cache_validation
 
 D, DFF, VOCAB, LAYERS, E = 768, 3072, 8000, 4, 8
 FACTORS = {768: [3, 4, 4, 4, 4], 3072: [4, 4, 8, 6, 4]}
@@ -53,6 +54,11 @@ def llama_model() -> nn.Module:
                       num_key_value_heads=12, vocab_size=VOCAB, max_position_embeddings=256,
                       bos_token_id=0, eos_token_id=1)
     return LlamaForCausalLM(cfg).eval()
+
+
+def checked(model: nn.Module) -> nn.Module:
+    set_weight_cache_validation(model, "digest")
+    return model
 
 
 def converted(original: nn.Module, expert_type: str, max_bond: int | None = None) -> nn.Module:
@@ -103,23 +109,25 @@ def decode_rows(args) -> tuple[list[dict], dict]:
     models = {
         "gpt2": gpt2,
         "gpt2_dense_moe": converted(gpt2, "dense"),
-        "gpt2_mpoe_checked": converted(gpt2, "mpo"),
+        "gpt2_mpoe": converted(gpt2, "mpo"),
+        "gpt2_mpoe_checked": checked(converted(gpt2, "mpo")),
         "gpt2_mpoe_frozen": converted(gpt2, "mpo"),
-        "gpt2_mpoe64_frozen": converted(gpt2, "mpo", max_bond=64),
+        "gpt2_mpoe64": converted(gpt2, "mpo", max_bond=64),
         "llama": llama,
-        "llama_mpoe_frozen": converted(llama, "mpo"),
+        "llama_mpoe": converted(llama, "mpo"),
     }
     print(f"built the models in {time.perf_counter() - t0:.0f} s")
     fns = {
         "gpt2": generate(gpt2),
         "gpt2_dense_moe": generate(models["gpt2_dense_moe"]),
+        "gpt2_mpoe": generate(models["gpt2_mpoe"]),
         "gpt2_mpoe_checked": generate(models["gpt2_mpoe_checked"]),
         "gpt2_mpoe_frozen": generate(models["gpt2_mpoe_frozen"]),
-        "gpt2_mpoe_uncached": generate(models["gpt2_mpoe_frozen"], cache=False),
-        "gpt2_mpoe64_frozen": generate(models["gpt2_mpoe64_frozen"]),
-        "gpt2_mpoe64_uncached": generate(models["gpt2_mpoe64_frozen"], cache=False),
+        "gpt2_mpoe_uncached": generate(models["gpt2_mpoe"], cache=False),
+        "gpt2_mpoe64": generate(models["gpt2_mpoe64"]),
+        "gpt2_mpoe64_uncached": generate(models["gpt2_mpoe64"], cache=False),
         "llama": generate(llama),
-        "llama_mpoe_frozen": generate(models["llama_mpoe_frozen"]),
+        "llama_mpoe": generate(models["llama_mpoe"]),
     }
     frozen = [m for k, m in models.items() if k.endswith("_frozen")]
     with contextlib.ExitStack() as stack:  # one block around the whole run, as a serving loop would
@@ -135,13 +143,14 @@ def decode_rows(args) -> tuple[list[dict], dict]:
     labels = {
         "gpt2": ("GPT-2-size original", "gpt2"),
         "gpt2_dense_moe": ("GPT-2-size dense-expert MoE", "gpt2"),
-        "gpt2_mpoe_checked": ("GPT-2-size lossless MPOE, cached, checked (default)", "gpt2"),
+        "gpt2_mpoe": ("GPT-2-size lossless MPOE, cached, tracked (default)", "gpt2"),
+        "gpt2_mpoe_checked": ("GPT-2-size lossless MPOE, cached, checked (validation=digest)", "gpt2"),
         "gpt2_mpoe_frozen": ("GPT-2-size lossless MPOE, cached, frozen_weights", "gpt2"),
         "gpt2_mpoe_uncached": ("GPT-2-size lossless MPOE, cache_weights=False (streaming)", "gpt2"),
-        "gpt2_mpoe64_frozen": ("GPT-2-size MPOE bond 64, cached, frozen_weights", "gpt2"),
+        "gpt2_mpoe64": ("GPT-2-size MPOE bond 64, cached, tracked (default)", "gpt2"),
         "gpt2_mpoe64_uncached": ("GPT-2-size MPOE bond 64, cache_weights=False (streaming)", "gpt2"),
         "llama": ("LLaMA-style gated original", "llama"),
-        "llama_mpoe_frozen": ("LLaMA-style gated lossless MPOE, cached, frozen_weights", "llama"),
+        "llama_mpoe": ("LLaMA-style gated lossless MPOE, cached, tracked (default)", "llama"),
     }
     rows = []
     for key, (label, base) in labels.items():
@@ -162,7 +171,9 @@ def linear_rows(args) -> list[dict]:
         layers = {}
         for bond in (None, 64, 16):
             name = "lossless" if bond is None else f"bond {bond}"
-            layers[f"{name}, cached, checked"] = MPOLinear.from_linear(lin, in_factors=5, max_bond=bond).eval()
+            layers[f"{name}, cached, tracked (default)"] = MPOLinear.from_linear(
+                lin, in_factors=5, max_bond=bond).eval()
+            layers[f"{name}, cached, checked"] = checked(MPOLinear.from_linear(lin, in_factors=5, max_bond=bond).eval())
             frozen = MPOLinear.from_linear(lin, in_factors=5, max_bond=bond).eval()
             layers[f"{name}, cached, frozen_weights"] = frozen
             if tokens == 1:

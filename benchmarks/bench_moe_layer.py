@@ -15,7 +15,7 @@ medians from interleaved runs in one process:
     central cores get no gradient), timed in the same run; ``vs_unmasked`` = its time over
     ``tnmoe_mpoe``'s (meaningful with the default ``--p-b 0``)
   * ``*_eval_cached``: eval-mode forward (no grad) of MPOE with its weight cache (which
-    compares the cores against a snapshot on every call) and of the dense-expert MoE
+    checks the cores' version counters and counted writes on every call) and of the dense-expert MoE
 
 ``vs_gemm_floor`` (dense-expert rows): the time over the expert matmuls' FLOPs alone at that
 GEMM rate, the floor of any dense-expert layer.
@@ -199,7 +199,7 @@ def main() -> None:
                                                                    "vs_gemm_floor")
                         if key in r)
         print(f"{r['layer']:>24}: {r['vs_tnmoe_dense_moe']:5.2f}x tnmoe dense-expert MoE{extra}")
-    print(f"cache check (snapshot comparison of the cores): {1e3 * cache_check:.2f} ms per eval forward "
+    print(f"cache check (the default validity check of the cores): {1e3 * cache_check:.2f} ms per eval forward "
           f"({100 * cache_check / t['tnmoe_mpoe_eval_cached']:.1f}% of it)")
     write_report(args.json, device=dev, tokens=args.tokens, rows=rows,
                  extra={"accumulate": args.accumulate, "p_b": args.p_b, "dtype": args.dtype,

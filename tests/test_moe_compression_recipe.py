@@ -370,3 +370,29 @@ def test_a_budget_below_the_smallest_structure_is_recorded_as_not_expressible(ti
     capsys.readouterr()
     make_tables.moe_compression_table(out / "summary.json", None)
     assert "Not expressible: mpoe at 99% (seed 1)" in capsys.readouterr().out
+
+
+def test_a_pretrained_model_path_is_compressed_like_the_model_trained_here(tiny_study, tmp_path):
+    """``--model PATH``: a saved MoE folder (model + tokenizer) stands in for a pretrained one. It is
+    the tiny study's own base model, so the reference PPL and each method's PPL and output errors
+    must be the trained-here run's (same weights, tokenizer, calibration and test blocks)."""
+    import shutil
+
+    out, _ = tiny_study
+    pretrained = tmp_path / "pretrained"
+    shutil.copytree(out / "base" / "seed1" / "model", pretrained)
+    for f in (out / "base" / "tokenizer").iterdir():
+        if f.is_file() and f.name != "made_from.json":
+            shutil.copy(f, pretrained / f.name)
+    got = mc.main(_study_args(tmp_path / "study", "--model", str(pretrained), "--methods", "svd,prune"))
+    want = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "study" / "runs").glob("*.json")}
+    assert sorted(runs) == ["prune-r50-s1", "svd-r50-s1", "uncompressed-s1"]
+    assert runs["uncompressed-s1"]["settings"]["base"]["model"] == str(pretrained)
+    for name in runs:
+        # the same float32 computations in the same order; the model was reloaded, not copied
+        assert runs[name]["ppl"] == pytest.approx(want[name]["ppl"], rel=1e-6), name
+        assert runs[name]["expert_params"] == want[name]["expert_params"]
+    for name in ("svd-r50-s1", "prune-r50-s1"):
+        assert runs[name]["output_error"] == pytest.approx(want[name]["output_error"], rel=1e-5, abs=1e-7)
+    assert got["uncompressed_ppl_mean"] == pytest.approx(want["uncompressed-s1"]["ppl"], rel=1e-6)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..networks import ContractionEngine, MPOBank
+from ..networks.contraction import CHAIN_STREAM_MAX_TOKENS
 from .grouped import grouped_linear
 
 __all__ = ["ExpertBank", "MPOExpertBank", "DenseExpertBank"]
@@ -114,14 +115,13 @@ class MPOExpertBank(MPOBank):
             active = [e for e in range(self.num_experts) if counts[e] > 0]
             n = counts[active[0]]
             if len(active) > 1 and all(counts[e] == n for e in active) and self._batch_streams(len(active)) \
-                    and self.engine.stream_method(self.core_shapes, n) == "chain":
+                    and self._chain_streams(n):
                 # the same token count per active expert (decode: one token each): one batched
                 # GEMM per core for all of them instead of a Python loop over the experts
                 y = self.stream_batched(x.reshape(len(active), n, self.in_features),
                                         None if len(active) == self.num_experts else active)
                 return y.reshape(-1, self.out_features)
-            pieces = torch.split(x, counts)
-            return torch.cat([self.stream(pieces[e], e) for e in active], 0)
+            return self.stream_grouped(x, counts)  # shared cores at either end once for all tokens
         if not use_cache and not self.accumulating and not self._needs_core_grad() \
                 and not torch.compiler.is_compiling():
             # inference without a cache (cache_weights=False or over the cache budget): rebuild
@@ -141,8 +141,17 @@ class MPOExpertBank(MPOBank):
     def _batch_streams(self, active: int) -> bool:
         if active == self.num_experts:
             return True  # every expert: the stacked cores are used as they are, no copy
-        per_expert = sum(c[0].numel() * c.element_size() for c, b in zip(self.cores, self.batched) if b)
+        if torch.compiler.is_compiling():
+            per_expert = sum(c[0].numel() * c.element_size() for c, b in zip(self.cores, self.batched) if b)
+        else:
+            per_expert = self._stream_memo(self.core_tensors())[4]
         return active * per_expert <= self.BATCHED_STREAM_MAX_COPY_BYTES
+
+    def _chain_streams(self, tokens: int) -> bool:
+        """Whether ``tokens`` tokens per matrix stream by a chain (one GEMM per core)."""
+        if tokens <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
+            return self._stream_memo(self.core_tensors())[3] != "opt_einsum"
+        return self.engine.stream_method(self.core_shapes, tokens) != "opt_einsum"
 
     def _needs_core_grad(self) -> bool:
         return torch.is_grad_enabled() and any(c.requires_grad for c in self.core_tensors())

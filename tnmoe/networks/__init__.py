@@ -9,13 +9,22 @@ from .bank import (
     MPOBank,
     accumulate_reconstruction,
     check_input_dtype,
+    clear_weight_caches,
     discard_accumulation,
     frozen_weights,
     resolve_share,
     set_weight_cache_budget,
+    set_weight_cache_validation,
 )
 from .blocked import matmul_permute
-from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed, tensor_digest
+from .cache import (
+    DerivedTensorCache,
+    TrackedParameter,
+    WeightsChangedError,
+    inference_cache_allowed,
+    tensor_digest,
+    track_parameters,
+)
 from .contraction import (
     ContractionEngine,
     ContractionPlan,
@@ -46,6 +55,8 @@ __all__ = [
     "discard_accumulation",
     "frozen_weights",
     "set_weight_cache_budget",
+    "set_weight_cache_validation",
+    "clear_weight_caches",
     "WeightsChangedError",
     "tensor_digest",
     "resolve_share",
@@ -74,6 +85,8 @@ __all__ = [
     "SVDTruncation",
     "linear_weight",
     "DerivedTensorCache",
+    "TrackedParameter",
+    "track_parameters",
     "inference_cache_allowed",
     "to_tensornetwork",
     "from_tensornetwork",

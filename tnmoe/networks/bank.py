@@ -19,14 +19,23 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..runtime import freed_cpu_memory_retained
-from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed
-from .contraction import ContractionEngine, ContractionPlan, default_engine, stream_chain_batched
+from .cache import DerivedTensorCache, WeightsChangedError, inference_cache_allowed, track_parameters
+from .contraction import (
+    CHAIN_STREAM_MAX_TOKENS,
+    ContractionEngine,
+    ContractionPlan,
+    default_engine,
+    stream_chain,
+    stream_chain_batched,
+    stream_chain_grouped,
+)
 from .decompose import check_bond
 from .fit import fit_mpo_bank, resolve_bonds
 from .factorize import check_factors
 from .mpo import MPO, mpo_core_shapes, scale_cores_to_std, spread
 
-__all__ = ["MPOBank", "accumulate_reconstruction", "discard_accumulation", "frozen_weights", "set_weight_cache_budget",
+__all__ = ["MPOBank", "accumulate_reconstruction", "clear_weight_caches", "discard_accumulation", "frozen_weights",
+           "set_weight_cache_budget", "set_weight_cache_validation",
            "resolve_share", "check_input_dtype", "SHARE_NAMES", "RECONSTRUCT_STRATEGIES"]
 
 SHARE_NAMES = ("central", "auxiliary", "all", "none")
@@ -58,6 +67,13 @@ def resolve_share(share: str | Sequence[int], m: int) -> list[int]:
     return sorted(set(out))
 
 
+def _autocast_off(device_type: str):
+    """A context that disables autocast on ``device_type``; a no-op one when it is off already."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, where: str) -> None:
     """Raise a clear ``ValueError`` when ``x``'s dtype cannot meet parameters of ``dtype``
     (outside autocast, which casts both sides itself)."""
@@ -83,9 +99,11 @@ class MPOBank(nn.Module):
     Weight cache: :meth:`weights_for_inference` serves the rebuilt weights from a cache exactly
     when :func:`~tnmoe.networks.inference_cache_allowed` holds (eval mode, and no gradient can
     reach the cores) and ``cache_weights`` is on; a cached value is reused only while every core
-    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`): values compared on every
-    call (a digest in host memory, a snapshot on accelerators), or, inside :func:`frozen_weights`, version counters and storages
-    only (O(1); edits are refused loudly).
+    is provably unchanged (:class:`~tnmoe.networks.DerivedTensorCache`): by version counters and
+    storages (O(1) per call; the cores are :class:`~tnmoe.networks.TrackedParameter`\ s, which
+    count edits through ``.data`` and optimizer steps too), by values where counters cannot see every write
+    (shared memory, ``torch.distributed``, ``validation="digest"``), or, inside
+    :func:`frozen_weights`, by counters with edits refused loudly.
 
     Args (keyword-only):
         num_matrices: ``E``.
@@ -143,6 +161,7 @@ class MPOBank(nn.Module):
         self.shared_indices = list(shared)
         self.batched = [k not in self.shared_indices for k in range(len(cores))]
         self.cores = nn.ParameterList([c if isinstance(c, nn.Parameter) else nn.Parameter(c) for c in cores])
+        track_parameters(self.core_tensors())  # from birth: edits through any later .data alias are counted
         self._engine = engine
         self.cache_weights = cache_weights
         #: how :meth:`weights` contracts several matrices: "batched" (one contraction with a
@@ -391,17 +410,27 @@ class MPOBank(nn.Module):
     def _shape_plan(self, cores: Sequence[torch.Tensor]) -> tuple[int, dict[bool, float]]:
         """``(in_features, {weight_cached: stream threshold})`` for the cores' shapes, memoized
         per shape signature and engine (a forward at a few tokens is Python-bound)."""
+        memo = self._stream_memo(cores)
+        return memo[1], memo[2]
+
+    def _stream_memo(self, cores: Sequence[torch.Tensor]) -> tuple:
+        """``(signature, in_features, {weight_cached: stream threshold}, stream method at up to
+        CHAIN_STREAM_MAX_TOKENS tokens, bytes of one matrix's slices of the stacked cores)``,
+        memoized per shape signature and engine."""
         # the engine by id and the settings its estimate reads (an engine object would make the
-        # module unpicklable); a stale entry could only pick stream vs rebuild by another
-        # estimate, never a wrong value
+        # module unpicklable); a stale entry could only pick stream vs rebuild, or one
+        # contraction order for another, by another estimate, never a wrong value
         engine = self.engine
-        signature = (tuple(c.shape for c in cores), id(engine), engine.stream_margin, engine.optimize)
+        signature = (tuple(c.shape for c in cores), cores[0].dtype, id(engine), engine.stream_margin,
+                     engine.optimize)
         memo = self._plan_memo
         if memo is None or memo[0] != signature:
             shapes = self.core_shapes
-            thresholds = {cached: self.engine.stream_threshold(shapes, cached) for cached in (False, True)}
-            memo = self._plan_memo = (signature, math.prod(s[2] for s in shapes), thresholds)
-        return memo[1], memo[2]
+            thresholds = {cached: engine.stream_threshold(shapes, cached) for cached in (False, True)}
+            stacked = sum(c[0].numel() * c.element_size() for c, b in zip(cores, self.batched) if b)
+            memo = self._plan_memo = (signature, math.prod(s[2] for s in shapes), thresholds,
+                                      engine.stream_method(shapes, 1), stacked)
+        return memo
 
     def _weights_in_core_dtype(self) -> torch.Tensor:
         with torch.autocast(self.cores[0].device.type, enabled=False):
@@ -417,11 +446,40 @@ class MPOBank(nn.Module):
     def stream(self, x: torch.Tensor, matrix: int = 0) -> torch.Tensor:
         """``x @ W_matrix.T`` for ``x`` ``(N, in)`` by contracting the tokens through the
         cores (never materializing ``W``); dtype per the precision policy."""
-        cores = [self.core(matrix, k) for k in range(self.m)]
-        with torch.autocast(x.device.type, enabled=False):
+        if not -self.num_matrices <= matrix < self.num_matrices:
+            raise IndexError(f"matrix {matrix} out of range for a bank of {self.num_matrices} matrices")
+        every = self.core_tensors()
+        cores = [c[matrix] if b else c for c, b in zip(every, self.batched)]
+        out_dtype = self._out_dtype(cores[0])
+        chain = "opt_einsum"
+        if x.shape[0] <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
+            chain = self._stream_memo(every)[3]  # (a few tokens is Python-bound: the memoized order)
+        with _autocast_off(x.device.type):
             work = self._work(cores)
-            y = self.engine.stream(x.to(work[0].dtype), work)
-        return y.to(self._out_dtype())
+            x = x.to(work[0].dtype)
+            if chain == "opt_einsum":
+                y = self.engine.stream(x, work)
+            else:
+                y = stream_chain(x, work, from_left=chain == "chain_from_left")
+        return y.to(out_dtype)
+
+    def stream_grouped(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Each matrix's tokens streamed through its cores: ``x`` ``(N, in)`` sorted by matrix,
+        ``counts[e]`` rows of matrix ``e`` (each at most ``CHAIN_STREAM_MAX_TOKENS``); shared cores
+        at either end of the contraction order run once for all tokens
+        (:func:`~tnmoe.networks.contraction.stream_chain_grouped`). Returns ``(N, out)``."""
+        every = self.core_tensors()
+        chain = self.engine.stream_method(self.core_shapes, 1) if torch.compiler.is_compiling() \
+            else self._stream_memo(every)[3]
+        if chain == "opt_einsum" or max(counts) > CHAIN_STREAM_MAX_TOKENS:
+            pieces = torch.split(x, list(counts))
+            return torch.cat([self.stream(pieces[e], e) for e, n in enumerate(counts) if n > 0], 0)
+        out_dtype = self._out_dtype(every[0])
+        with _autocast_off(x.device.type):
+            work = self._work(every)
+            y = stream_chain_grouped(x.to(work[0].dtype), work, self.batched, counts,
+                                     from_left=chain == "chain_from_left")
+        return y.to(out_dtype)
 
     def stream_batched(self, x: torch.Tensor, matrices: Sequence[int] | None = None) -> torch.Tensor:
         """``x[j] @ W_{matrices[j]}.T`` for ``x`` ``(B, N, in)`` (the same ``N`` tokens per
@@ -434,15 +492,22 @@ class MPOBank(nn.Module):
         else:
             index = torch.as_tensor(list(matrices), dtype=torch.long, device=self.cores[0].device)
             cores = [c.index_select(0, index) if b else c for c, b in zip(self.cores, self.batched)]
-        with torch.autocast(x.device.type, enabled=False):
+        if int(x.shape[1]) <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
+            method = self._stream_memo(self.core_tensors())[3]
+        else:
+            method = self.engine.stream_method(self.core_shapes, int(x.shape[1]))
+        from_left = method == "chain_from_left"
+        with _autocast_off(x.device.type):
             work = self._work(cores)
-            y = stream_chain_batched(x.to(work[0].dtype), work)
+            y = stream_chain_batched(x.to(work[0].dtype), work, from_left=from_left)
         return y.to(self._out_dtype())
 
     def stream_is_cheaper(self, tokens: int, weight_cached: bool = False) -> bool:
         """Whether streaming ``tokens`` tokens through one matrix beats reconstruct+matmul
         (the engine's :meth:`~tnmoe.networks.ContractionEngine.stream_threshold`)."""
-        return tokens < self.engine.stream_threshold(self.core_shapes, weight_cached)
+        if torch.compiler.is_compiling():
+            return tokens < self.engine.stream_threshold(self.core_shapes, weight_cached)
+        return tokens < self._stream_memo(self.core_tensors())[2][bool(weight_cached)]
 
     def plan(self, tokens: int, weight_cached: bool = False) -> ContractionPlan:
         """Stream vs reconstruct for ``tokens`` tokens through one matrix (FLOP estimates)."""
@@ -627,6 +692,28 @@ def set_weight_cache_budget(module: nn.Module, budget_bytes: int | None) -> list
             bank.clear_cache()
         plan.append({"name": name, "bytes": size, "cached": cached})
     return plan
+
+
+def clear_weight_caches(module: nn.Module) -> int:
+    """Empty the inference weight cache of every :class:`MPOBank` in ``module``: call it after
+    writing cores through a path PyTorch does not count (a NumPy or DLPack view of a core,
+    ``ctypes``), which the default version-counter check cannot see. Returns the number of banks."""
+    banks = _banks(module)
+    for bank in banks:
+        bank.clear_cache()
+    return len(banks)
+
+
+def set_weight_cache_validation(module: nn.Module, validation: str) -> int:
+    """How every :class:`MPOBank` in ``module`` proves a cached weight current:
+    ``"auto"`` (the default: version counters where they see every write PyTorch makes, O(1)
+    per call; values otherwise) or ``"digest"`` (also compare the cores' values on every call:
+    one read of every core per call; for code that writes cores through NumPy/DLPack views).
+    Returns the number of banks."""
+    banks = _banks(module)
+    for bank in banks:
+        bank.weight_cache.validation = validation
+    return len(banks)
 
 
 def _banks(module: nn.Module) -> list[MPOBank]:

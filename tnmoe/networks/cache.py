@@ -1,24 +1,34 @@
 """A cache of a value derived from tensors that is served only while they are provably unchanged.
 
-Two ways to prove it (the contract, in one place; ``docs/inference.md`` says the same for users):
+Three ways to prove it (the contract, in one place; ``docs/inference.md`` says the same for users):
 
-* **checked** (the default): every :meth:`DerivedTensorCache.get` compares each source's storage,
-  version counter, dtype, device and shape with those of the cached value, *and* its values
-  with those it was built from. The value check catches edits that bypass version counters
-  (``p.data.mul_(...)``, ``p.data.copy_(...)`` in EMA/SWA code); it reads every source on
-  every call. Sources in host memory are compared by an XXH3-128 digest of their bytes (one
-  read, no copy kept; 3.5-6x faster than comparing with a copy on one CPU thread); sources on
-  an accelerator with a snapshot copy on the device (``torch.equal``, no transfer to the host).
+* **tracked** (the default where it applies): every :meth:`DerivedTensorCache.get` compares each
+  source's storage, version counter, counted writes, dtype, device and shape with those of the
+  cached value: O(1) per source, no read of the values. It applies when every source is a
+  :class:`TrackedParameter` (the cache adopts plain ``nn.Parameter`` sources in place, keeping
+  the object, its identity and every reference to it), which counts what its version counter
+  misses: in-place edits through its ``.data`` aliases (``p.data.mul_(...)``, EMA/SWA code) and
+  optimizer steps (fused steps bump no version counter). Writes PyTorch cannot count are
+  excluded by rule, not by luck: sources in shared memory (another process may write them)
+  and any process with ``torch.distributed`` initialized (collectives such as ``broadcast`` write
+  without bumping) are *checked* instead. What tracked mode cannot see: writes to a source's
+  memory outside PyTorch's ops in this process (a NumPy or DLPack view, ``ctypes``, a
+  ``.data`` alias taken *before* the parameter was adopted); after those call
+  :meth:`DerivedTensorCache.clear` (``tnmoe.networks.clear_weight_caches``) or set
+  ``validation="digest"``.
+* **checked** (any other source, or ``validation="digest"``): as tracked, *and* the values are
+  compared with those the value was built from, so it reads every source on every call. Sources
+  in host memory are compared by an XXH3-128 digest of their bytes (one read, no copy kept; 3.5-6x
+  faster than comparing with a copy on one CPU thread); sources on an accelerator with a
+  snapshot copy on the device (``torch.equal``, no transfer to the host).
 * **frozen** (between :meth:`DerivedTensorCache.freeze` and :meth:`~DerivedTensorCache.unfreeze`,
   i.e. inside :func:`tnmoe.networks.frozen_weights`): the sources are declared unchanging. A call
   checks storage, version counter, dtype, device and shape only (O(1) per source, no read of
   the values, no snapshot kept); any change they reveal (an in-place op, an optimizer step,
   ``load_state_dict`` with or without ``assign``, ``p.data = t``, ``.to(...)``) raises at the
   next call instead of being served; so does a change announced with
-  :meth:`~DerivedTensorCache.note_change` (fused optimizer steps, which bump no version counter:
-  :func:`~tnmoe.networks.frozen_weights` announces every optimizer step that touches a frozen
-  source). Edits that no counter sees (through ``p.data``) are found when the block ends, by
-  comparing an XXH3-128 digest of the sources' bytes taken at its start, and raise there.
+  :meth:`~DerivedTensorCache.note_change`. Edits that no counter sees are found when the block
+  ends, by comparing an XXH3-128 digest of the sources' bytes taken at its start, and raise there.
 
 The cache holds a reference to its sources' storages (no copy) so that a freed storage's
 address cannot be reused by a new tensor that would then look identical to the key.
@@ -28,10 +38,124 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import weakref
+
 import torch
 import xxhash
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["DerivedTensorCache", "inference_cache_allowed", "WeightsChangedError", "tensor_digest"]
+__all__ = ["DerivedTensorCache", "TrackedParameter", "inference_cache_allowed", "parameter_writes", "track_parameters",
+           "WeightsChangedError", "tensor_digest"]
+
+VALIDATIONS = ("auto", "digest")
+
+_TENSOR_DATA = torch._C.TensorBase.__dict__["data"]  # the C getter/setter behind Tensor.data
+
+
+class TrackedParameter(nn.Parameter):
+    """An ``nn.Parameter`` whose writes a cache can count, including those through ``.data``.
+
+    ``p.data`` is the usual alias (same storage, a version counter of its own, plain
+    ``torch.Tensor``: autograd sees none of its edits, as torch's own ``gradcheck`` relies on);
+    the parameter also keeps a witness of each alias that shares the alias's counter, so
+    :func:`parameter_writes` counts an alias's in-place edits (a witness is dropped once its
+    alias is gone and its edits are counted). Optimizer steps are counted too (a process-wide
+    optimizer step hook: fused steps bump no version counter). Setting ``p.data = t`` rebinds
+    the storage as usual. Made by :func:`track_parameters`; pickles as a plain ``nn.Parameter``.
+    Not counted: an alias of a parameter taken before it was adopted."""
+
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = True):
+        # Parameter.__new__ would treat a TrackedParameter as a custom tensor type (as accelerate's
+        # set_module_tensor_to_device does: type(param)(value)); an alias of it is a plain tensor
+        if isinstance(data, TrackedParameter):
+            data = data.detach()
+        return super().__new__(cls, data, requires_grad)
+
+    @property
+    def data(self) -> torch.Tensor:
+        alias = _TENSOR_DATA.__get__(self)
+        if not alias.is_inference():  # inference tensors have no version counter to watch
+            _settle(self)
+            # the witness shares the alias's version counter (detach does), not the parameter's
+            self.__dict__.setdefault("_tnmoe_witnesses", []).append(
+                [weakref.ref(alias), alias.detach(), alias._version])
+        return alias
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        _TENSOR_DATA.__set__(self, value)
+
+    def __getstate__(self) -> dict:
+        # pickled without the write bookkeeping (so as a plain nn.Parameter when nothing else is set)
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_tnmoe_")}
+
+
+def _settle(p: torch.Tensor) -> None:
+    """Count the edits made through ``p``'s ``.data`` aliases and forget the aliases that are gone."""
+    witnesses = p.__dict__.get("_tnmoe_witnesses")
+    if not witnesses:
+        return
+    kept = []
+    for entry in witnesses:
+        alias, witness, version = entry
+        if witness._version != version:
+            p.__dict__["_tnmoe_writes"] = p.__dict__.get("_tnmoe_writes", 0) + 1
+            entry[2] = witness._version
+        if alias() is not None:
+            kept.append(entry)
+    witnesses[:] = kept
+
+
+def parameter_writes(t: torch.Tensor) -> int:
+    """How many writes to ``t`` were counted outside its version counter: edits through its
+    ``.data`` aliases and optimizer steps (0 for anything but a :class:`TrackedParameter`).
+    With ``t._version`` and ``t.data_ptr()`` it changes on every write PyTorch makes."""
+    if type(t) is not TrackedParameter:
+        return 0
+    _settle(t)
+    return t.__dict__.get("_tnmoe_writes", 0)
+
+
+_step_hook = None  # the process-wide optimizer step hook, registered at the first adoption
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    """After any optimizer step: count a write to each of its tracked parameters (fused steps and
+    kernels outside PyTorch write without bumping a version counter)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if type(p) is TrackedParameter:
+                p.__dict__["_tnmoe_writes"] = p.__dict__.get("_tnmoe_writes", 0) + 1
+
+
+def track_parameters(tensors: Sequence[torch.Tensor]) -> bool:
+    """Adopt every plain ``nn.Parameter`` among ``tensors`` as a :class:`TrackedParameter`, in
+    place (the object's class changes; identity, storage, ``requires_grad``, hooks and every
+    reference to it, e.g. an optimizer's, stay). Returns whether every tensor is tracked now
+    (other tensor types, e.g. buffers, ``DTensor`` parameters or inference tensors, are not)."""
+    global _step_hook
+    tracked = True
+    for t in tensors:
+        if type(t) is nn.Parameter and not t.is_inference():
+            t.__class__ = TrackedParameter
+        tracked = tracked and type(t) is TrackedParameter and not t.is_inference()
+    if _step_hook is None and any(type(t) is TrackedParameter for t in tensors):
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return tracked
+
+
+def _distributed() -> bool:
+    """Whether a ``torch.distributed`` process group exists (collectives bump no version counter)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _trackable(sources: Sequence[torch.Tensor]) -> bool:
+    """Whether version counters see every write to ``sources`` that PyTorch can count (adopting
+    plain parameters): all tracked, none in host shared memory, no process group."""
+    if _distributed() or torch.compiler.is_compiling() or not track_parameters(sources):
+        return False
+    return not any(t.device.type == "cpu" and t.is_shared() for t in sources)
 
 
 def inference_cache_allowed(module: torch.nn.Module, params: Sequence[torch.Tensor]) -> bool:
@@ -65,14 +189,16 @@ _Key = tuple
 
 def _make_key(sources: Sequence[torch.Tensor]) -> _Key:
     # get_device(): -1 on the CPU, the index elsewhere (t.device builds an object: twice the cost)
-    return tuple((t.data_ptr(), t._version, t.dtype, t.get_device(), t.shape) for t in sources)
+    return tuple((t.data_ptr(), t._version, parameter_writes(t), t.dtype, t.get_device(), t.shape) for t in sources)
 
 
 class DerivedTensorCache:
     """Holds ``fn()`` computed under ``no_grad``; serves it again only while every source tensor
     is provably unchanged, checked or frozen (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, validation: str = "auto") -> None:
+        #: ``"auto"``: tracked where the sources allow it, else checked; ``"digest"``: always checked
+        self.validation = validation
         self._frozen_key: _Key | None = None  # the sources' key while frozen
         self._frozen_digest: bytes | None = None  # their digest while frozen
         self._reported = False  # get() refused a change in this frozen period
@@ -91,6 +217,7 @@ class DerivedTensorCache:
         self._checked_digest: bytes | None = None  # checked mode's digest of host-memory sources
         self._held: list[torch.Tensor] = []  # aliases keeping the sources' storages alive
         self._value_digest: bytes | None = None  # digest of the sources the value was built from
+        self._tracked = False  # the value's sources are tracked: the key alone proves them
 
     # -- checked and frozen lookups ------------------------------------------------------------
     @property
@@ -110,7 +237,24 @@ class DerivedTensorCache:
         # an inference tensor cannot take part in autograd outside inference_mode
         return not (self._value.is_inference() and not torch.is_inference_mode_enabled())
 
+    @property
+    def validation(self) -> str:
+        return self._validation
+
+    @validation.setter
+    def validation(self, mode: str) -> None:
+        if mode not in VALIDATIONS:
+            raise ValueError(f"validation must be one of {VALIDATIONS}, got {mode!r}")
+        self._validation = mode
+
+    @property
+    def tracked(self) -> bool:
+        """Whether the cached value is served on version counters alone (tracked mode, O(1))."""
+        return self._tracked and self._validation == "auto" and not _distributed()
+
     def _values_match(self, sources: Sequence[torch.Tensor]) -> bool:
+        if self.tracked:  # every countable write bumps a version, which the key compares
+            return True
         if self._checked_digest is not None:
             return tensor_digest(sources) == self._checked_digest
         return self._snapshot is not None and all(
@@ -135,28 +279,29 @@ class DerivedTensorCache:
             self.hits += 1
             return self._value
         snapshot = digest = None
+        tracked = self._validation == "auto" and _trackable(sources)
         with torch.no_grad():
             value = fn()
-            if not self.frozen:
+            if not self.frozen and not tracked:
                 if self._on_host(sources):
                     digest = tensor_digest(sources)
                 else:
                     snapshot = [s.detach().clone() for s in sources]
         self._key, self._value, self._snapshot, self._checked_digest = key, value, snapshot, digest
         self._held = [s.detach() for s in sources]
-        self._value_digest = self._frozen_digest
+        self._value_digest, self._tracked = self._frozen_digest, tracked
         self.misses += 1
         return value
 
     def _changed_message(self, sources: Sequence[torch.Tensor], key: _Key) -> str:
         what = [self._noted] if self._noted is not None else []
         for k, (now, then) in enumerate(zip(key, self._frozen_key)):
-            if now[2:] != then[2:]:
-                what.append(f"source {k}: dtype/device/shape {then[2:]} -> {now[2:]}")
+            if now[3:] != then[3:]:
+                what.append(f"source {k}: dtype/device/shape {then[3:]} -> {now[3:]}")
             elif now[0] != then[0]:
                 what.append(f"source {k}: replaced by another tensor "
                             "(p.data = ..., load_state_dict(assign=True), .to())")
-            elif now[1] != then[1]:
+            elif now[1:3] != then[1:3]:
                 what.append(f"source {k}: modified in place (an optimizer step, copy_, load_state_dict, ...)")
         if len(key) != len(self._frozen_key):
             what.append(f"{len(self._frozen_key)} sources -> {len(key)}")

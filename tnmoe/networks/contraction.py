@@ -215,11 +215,14 @@ class ContractionEngine:
         return full.reshape(*lead, out_f, -1)
 
     def stream_method(self, core_shapes: Sequence[Shape], tokens: int = 1) -> str:
-        """How :meth:`stream` contracts ``tokens`` tokens: ``"chain"`` (:func:`stream_chain`:
-        one GEMM per core, the cores never copied) for at most :data:`CHAIN_STREAM_MAX_TOKENS`
-        tokens when its FLOPs are within :data:`CHAIN_STREAM_FLOP_MARGIN` of opt_einsum's
-        optimal path (whose tensordots copy cores into GEMM layout on every call, the dominant
-        cost at a few tokens), else ``"opt_einsum"``. Cached per shape signature."""
+        """How :meth:`stream` contracts ``tokens`` tokens: ``"chain"`` (:func:`stream_chain`
+        right to left: one GEMM per core, the cores never copied) or ``"chain_from_left"`` (left
+        to right, offered where every core is a GEMM operand as laid out: ``o_k = 1`` or
+        ``i_k = 1``, as in a rank-r factorization's ``[out, 1] x [1, in]`` factors), the one of
+        fewer FLOPs, for at most :data:`CHAIN_STREAM_MAX_TOKENS` tokens when its FLOPs are within
+        :data:`CHAIN_STREAM_FLOP_MARGIN` of opt_einsum's optimal path (whose tensordots copy
+        cores into GEMM layout on every call, the dominant cost at a few tokens), else
+        ``"opt_einsum"``. Cached per shape signature."""
         if tokens > CHAIN_STREAM_MAX_TOKENS:
             return "opt_einsum"
         return _constant_stream_method(self, _shapes(core_shapes))
@@ -227,12 +230,17 @@ class ContractionEngine:
     def _stream_method_uncached(self, shapes: tuple[Shape, ...]) -> str:
         x_shape = (1, *(s[2] for s in shapes))
         optimal = float(self._path(apply_equation(len(shapes)), (x_shape, *shapes))[1].opt_cost)
-        return "chain" if stream_chain_flops(shapes, 1) <= optimal * CHAIN_STREAM_FLOP_MARGIN else "opt_einsum"
+        options = [(stream_chain_flops(shapes, 1), "chain")]
+        if chain_from_left_is_copy_free(shapes):
+            options.append((stream_chain_flops(shapes, 1, from_left=True), "chain_from_left"))
+        flops, method = min(options, key=lambda option: option[0])  # a tie keeps "chain"
+        return method if flops <= optimal * CHAIN_STREAM_FLOP_MARGIN else "opt_einsum"
 
     def stream(self, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Apply one MPO matrix's cores to tokens ``x`` ``(N, in)`` -> ``(N, out)``."""
-        if self.stream_method([tuple(c.shape) for c in cores], x.shape[0]) == "chain":
-            return stream_chain(x, cores)
+        method = self.stream_method([tuple(c.shape) for c in cores], x.shape[0])
+        if method != "opt_einsum":
+            return stream_chain(x, cores, from_left=method == "chain_from_left")
         ins = [c.shape[-2] for c in cores]
         y = self.contract(apply_equation(len(cores)), x.reshape(x.shape[0], *ins), *cores)
         return y.reshape(x.shape[0], _prod(c.shape[-3] for c in cores))  # also for 0 tokens
@@ -247,56 +255,175 @@ CHAIN_STREAM_MAX_TOKENS = 8
 CHAIN_STREAM_FLOP_MARGIN = 2.0
 
 
-def stream_chain_flops(core_shapes: Sequence[Shape], tokens: int) -> float:
+def stream_chain_flops(core_shapes: Sequence[Shape], tokens: int, from_left: bool = False) -> float:
     """FLOPs (multiply and add counted separately, as opt_einsum does) of :func:`stream_chain`."""
     shapes = _shapes(core_shapes)
     ins, outs = [s[2] for s in shapes], [s[1] for s in shapes]
     total = 0.0
     for k, (r, o, i, r2) in enumerate(shapes):
-        rows = tokens * _prod(ins[:k]) * _prod(outs[k + 1:])
+        # the state's rows: tokens times the modes not taking part in this core's GEMM
+        rows = tokens * (_prod(outs[:k]) * _prod(ins[k + 1:]) if from_left else _prod(ins[:k]) * _prod(outs[k + 1:]))
         total += 2.0 * rows * (i * r2) * (r * o)
     return total
 
 
-def stream_chain(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def chain_from_left_is_copy_free(core_shapes: Sequence[Shape]) -> bool:
+    """Whether every core ``(r, o, i, r')`` is, as laid out, the ``(r i, o r')`` GEMM operand the
+    left-to-right chain needs (``o = 1`` or ``i = 1``)."""
+    return all(o == 1 or i == 1 for _, o, i, _ in _shapes(core_shapes))
+
+
+def stream_chain(x: torch.Tensor, cores: Sequence[torch.Tensor], from_left: bool = False) -> torch.Tensor:
     """``x @ W.T`` for tokens ``x`` ``(N, in)`` and one MPO matrix's cores ``(r, o_k, i_k, r')``,
     contracted right to left with one GEMM per core against the core viewed as
     ``(r o_k, i_k r')`` (its own memory layout: the cores are never copied; only the small
     token state is permuted). The state holds ``(N, i_1..i_k, o_{k+1}..o_m, r_k)``-shaped
-    partial sums. Differentiable; plain tensor ops, so ``torch.compile`` traces it whole."""
-    n = x.shape[0]
-    ins = [int(c.shape[2]) for c in cores]
-    left, acc = _prod(ins), 1  # input modes not yet contracted; output modes done so far
-    state = x.reshape(n * left, 1, 1)  # (rows, i_k * r_k pending, acc) with r_m = 1
-    for core in reversed(cores):
-        r, o, i, r2 = (int(d) for d in core.shape)
-        left //= i
-        # (N*left, i, acc, r2) -> (N*left*acc, i*r2): the contracted modes last
-        state = state.reshape(n * left, i, acc, r2).transpose(1, 2).reshape(-1, i * r2)
-        state = state @ core.reshape(r * o, i * r2).t()  # (N*left*acc, r*o)
-        # -> (N*left, o, acc, r): o joins the output modes in front, r waits for the next core
-        state = state.reshape(n * left, acc, r, o).permute(0, 3, 1, 2)
-        acc *= o
-    return state.reshape(n, acc)
+    partial sums. Differentiable; plain tensor ops, so ``torch.compile`` traces it whole.
+
+    ``from_left``: contract left to right instead, the state holding ``(N, o_1..o_k, r_k,
+    i_{k+1}..i_m)``-shaped partial sums and core ``k`` the GEMM operand ``(r i, o r')``: its own
+    layout where :func:`chain_from_left_is_copy_free` (else it is copied into it).
+
+    The reshapes and permutations are planned once per shape signature and token count
+    (:func:`_chain_steps`); a permutation that moves only unit modes is skipped, so a rank-r
+    factorization (``[out, 1] x [1, in]``) streams as its two GEMMs and a reshape."""
+    n = int(x.shape[0])
+    steps, out = _chain_steps(_shapes(c.shape for c in cores), n, from_left, False)
+    return _run_chain(x, _in_order(cores, from_left), steps, from_left).reshape(n, out)
 
 
-def stream_chain_batched(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def stream_chain_batched(x: torch.Tensor, cores: Sequence[torch.Tensor], from_left: bool = False) -> torch.Tensor:
     """:func:`stream_chain` for ``B`` matrices at once: tokens ``x`` ``(B, N, in)`` (``N`` tokens
     per matrix), cores ``(B, r, o_k, i_k, r')`` (one per matrix) or ``(r, o_k, i_k, r')`` (shared
     by all); returns ``(B, N, out)``. One batched GEMM per core (``torch.matmul`` broadcasts a
     shared core), so the per-core Python runs once for all ``B`` matrices, not ``B`` times."""
     b, n = int(x.shape[0]), int(x.shape[1])
-    ins = [int(c.shape[-2]) for c in cores]
-    left, acc = _prod(ins), 1
-    state = x.reshape(b, n * left, 1, 1)
-    for core in reversed(cores):
-        r, o, i, r2 = (int(d) for d in core.shape[-4:])
-        left //= i
-        state = state.reshape(b, n * left, i, acc, r2).transpose(2, 3).reshape(b, -1, i * r2)
-        state = state @ core.reshape(*core.shape[:-4], r * o, i * r2).transpose(-1, -2)  # (b, rows, r*o)
-        state = state.reshape(b, n * left, acc, r, o).permute(0, 1, 4, 2, 3)
-        acc *= o
-    return state.reshape(b, n, acc)
+    steps, out = _chain_steps(_shapes(c.shape[-4:] for c in cores), n, from_left, True)
+    return _run_chain(x.reshape(b, n, -1), _in_order(cores, from_left), steps, from_left).reshape(b, n, out)
+
+
+def stream_chain_grouped(x: torch.Tensor, cores: Sequence[torch.Tensor], stacked: Sequence[bool],
+                         counts: Sequence[int], from_left: bool = False) -> torch.Tensor:
+    """:func:`stream_chain` of each matrix's tokens: ``x`` ``(N, in)`` sorted by matrix,
+    ``counts[e]`` rows for matrix ``e``; cores ``(E, r, o_k, i_k, r')`` where ``stacked``, else
+    ``(r, o_k, i_k, r')`` (shared). Returns ``(N, out)``. Shared cores at the start of the
+    contraction order run once for all ``N`` tokens, those at its end once on the matrices'
+    concatenated states: one GEMM each instead of one per matrix (a shared V of a rank-r bank:
+    ``x V`` for every token at once), and only the stacked cores run per matrix."""
+    n_all = int(x.shape[0])
+    shapes = _shapes(c.shape[-4:] for c in cores)
+    if n_all == 0:
+        return x.new_zeros(0, _prod(s[1] for s in shapes))
+    order = _in_order(list(zip(cores, stacked)), from_left)
+    m = len(order)
+    head = next((k for k, (_, s) in enumerate(order) if s), m)  # shared cores first in the order
+    tail = m - next((k for k, (_, s) in enumerate(reversed(order)) if s), m)  # from here on shared
+    steps_all, out = _chain_steps(shapes, n_all, from_left, False)
+    state = _run_chain(x, [c for c, _ in order[:head]], steps_all[:head], from_left) if head else x
+    if head < m:
+        rows = int(state.shape[0]) // max(n_all, 1) if n_all else 0  # state rows per token (token-major)
+        pieces, start = [], 0
+        for e, n in enumerate(counts):
+            n = int(n)
+            if n == 0:
+                continue
+            steps = _chain_steps(shapes, n, from_left, False)[0]
+            piece = state.narrow(0, start * rows, n * rows)
+            pieces.append(_run_chain(piece, [c[e] if s else c for c, s in order[head:tail]], steps[head:tail],
+                                     from_left))
+            start += n
+        state = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+        if tail < m:
+            state = _run_chain(state, [c for c, _ in order[tail:]], steps_all[tail:], from_left)
+    return state.reshape(n_all, out)
+
+
+def _in_order(items: Sequence, from_left: bool) -> list:
+    """Cores (or per-core items) in contraction order: left to right, or right to left."""
+    return list(items) if from_left else list(items)[::-1]
+
+
+@dataclass(frozen=True)
+class _ChainStep:
+    """One core's GEMM in a streamed chain: the state is reshaped to ``pre`` and permuted by
+    ``pre_perm`` (``None``: nothing moves) before it is flattened to ``(..., rows, cols)``; the
+    GEMM's result is reshaped to ``post`` and permuted by ``post_perm``. ``operand``: the core's
+    ``(rows, cols)`` GEMM view; ``copy``: the core must be transposed into it (from the left only)."""
+
+    pre: tuple[int, ...]
+    pre_perm: tuple[int, ...] | None
+    cols: int
+    operand: tuple[int, int]
+    copy: bool
+    post: tuple[int, ...]
+    post_perm: tuple[int, ...] | None
+
+
+def _moves_data(shape: Sequence[int], perm: Sequence[int]) -> bool:
+    """Whether permuting ``shape`` by ``perm`` changes the order of its non-unit modes."""
+    kept = [d for d in perm if shape[d] != 1]
+    return kept != sorted(kept)
+
+
+@lru_cache(maxsize=4096)
+def _chain_steps(shapes: tuple[Shape, ...], n: int, from_left: bool, batched: bool):
+    """The plan of :func:`_run_chain` for ``n`` tokens: ``(steps, out_features)``. Shapes here
+    omit the leading matrix dim; it is prepended (``batched``) when the steps run."""
+    lead = (-1,) if batched else ()
+    off = len(lead)  # permutations index past the leading dim
+    steps = []
+    if not from_left:
+        left, acc = _prod(s[2] for s in shapes), 1
+        for r, o, i, r2 in reversed(shapes):
+            left //= i
+            pre = (n * left, i, acc, r2)  # -> (n*left, acc, i, r2)
+            post = (n * left, acc, r, o)  # -> (n*left, o, acc, r)
+            pre_perm, post_perm = (0, 2, 1, 3), (0, 3, 1, 2)
+            steps.append(_ChainStep(
+                lead + pre, _offset(pre_perm, off) if _moves_data(pre, pre_perm) else None, i * r2,
+                (r * o, i * r2), False,
+                lead + post, _offset(post_perm, off) if _moves_data(post, post_perm) else None))
+            acc *= o
+    else:
+        right, acc = _prod(s[2] for s in shapes), 1
+        for r, o, i, r2 in shapes:
+            right //= i
+            pre = (n * acc, r, i, right)  # -> (n*acc, right, r, i)
+            post = (n * acc, right, o, r2)  # -> (n*acc, o, r2, right)
+            pre_perm, post_perm = (0, 3, 1, 2), (0, 2, 3, 1)
+            steps.append(_ChainStep(
+                lead + pre, _offset(pre_perm, off) if _moves_data(pre, pre_perm) else None, r * i,
+                (r * i, o * r2), not (o == 1 or i == 1),
+                lead + post, _offset(post_perm, off) if _moves_data(post, post_perm) else None))
+            acc *= o
+    return tuple(steps), acc
+
+
+def _offset(perm: tuple[int, ...], off: int) -> tuple[int, ...]:
+    return tuple(range(off)) + tuple(d + off for d in perm)
+
+
+def _run_chain(state: torch.Tensor, ordered: Sequence[torch.Tensor], steps: Sequence[_ChainStep],
+               from_left: bool) -> torch.Tensor:
+    """Run planned steps on the cores ``ordered`` (in contraction order, one step each):
+    ``state`` ``(N, ...)`` or ``(B, N, ...)`` token-major; one GEMM per core."""
+    if not steps:
+        return state
+    lead = state.shape[:-2] if len(steps[0].pre) == 5 else ()
+    for core, step in zip(ordered, steps):
+        if step.pre_perm is not None:
+            state = state.reshape(step.pre).permute(step.pre_perm)
+        state = state.reshape(*lead, -1, step.cols)
+        if from_left:
+            operand = core.transpose(-3, -2) if step.copy else core
+            state = state @ operand.reshape(*core.shape[:-4], *step.operand)
+        elif core.dim() == 4:  # shared or unbatched: (rows, cols) weight of a linear map
+            state = torch.nn.functional.linear(state, core.reshape(step.operand))
+        else:
+            state = state @ core.reshape(*core.shape[:-4], *step.operand).transpose(-1, -2)
+        if step.post_perm is not None:
+            state = state.reshape(step.post).permute(step.post_perm)
+    return state
 
 
 # Planning results are constants for torch.compile: computed (and cached) at trace time, once.
