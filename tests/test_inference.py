@@ -316,6 +316,19 @@ def test_a_data_alias_held_across_calls_is_watched_and_dead_ones_are_forgotten()
     assert len(layer.cores[2].__dict__["_tnmoe_witnesses"]) <= 2  # `held` and at most the last temporary
 
 
+def test_cores_made_under_inference_mode_are_checked_by_value():
+    """Inference tensors have no version counter: such cores are never tracked, and an in-place
+    edit (possible only inside inference_mode) is caught by the value check."""
+    with torch.inference_mode():
+        layer, x = small_layer(), torch.randn(5, 24)
+        assert layer.cores[0].is_inference()
+        layer(x)
+        assert not layer.weight_cache.tracked
+        layer.cores[1].mul_(2.0)
+        torch.testing.assert_close(layer(x), reference(layer, x), **TOL32)
+        assert layer.weight_cache.misses == 2
+
+
 def test_tracked_parameter_behaves_as_a_parameter():
     """Adoption changes the class in place: identity, optimizer references, deepcopy, state_dict
     and gradients are those of the nn.Parameter it was."""

@@ -189,7 +189,11 @@ _Key = tuple
 
 def _make_key(sources: Sequence[torch.Tensor]) -> _Key:
     # get_device(): -1 on the CPU, the index elsewhere (t.device builds an object: twice the cost)
-    return tuple((t.data_ptr(), t._version, parameter_writes(t), t.dtype, t.get_device(), t.shape) for t in sources)
+    try:
+        return tuple((t.data_ptr(), t._version, parameter_writes(t), t.dtype, t.get_device(), t.shape) for t in sources)
+    except RuntimeError:  # an inference tensor has no version counter: never tracked, so checked by value
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, parameter_writes(t), t.dtype,
+                      t.get_device(), t.shape) for t in sources)
 
 
 class DerivedTensorCache:
