@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..networks import ContractionEngine, MPOBank
-from ..networks.contraction import CHAIN_STREAM_MAX_TOKENS
 from .grouped import grouped_linear
 
 __all__ = ["ExpertBank", "MPOExpertBank", "DenseExpertBank"]
@@ -115,7 +114,7 @@ class MPOExpertBank(MPOBank):
             active = [e for e in range(self.num_experts) if counts[e] > 0]
             n = counts[active[0]]
             if len(active) > 1 and all(counts[e] == n for e in active) and self._batch_streams(len(active)) \
-                    and self._chain_streams(n):
+                    and self._chain_method(n) != "opt_einsum":
                 # the same token count per active expert (decode: one token each): one batched
                 # GEMM per core for all of them instead of a Python loop over the experts
                 y = self.stream_batched(x.reshape(len(active), n, self.in_features),
@@ -146,12 +145,6 @@ class MPOExpertBank(MPOBank):
         else:
             per_expert = self._stream_memo(self.core_tensors())[4]
         return active * per_expert <= self.BATCHED_STREAM_MAX_COPY_BYTES
-
-    def _chain_streams(self, tokens: int) -> bool:
-        """Whether ``tokens`` tokens per matrix stream by a chain (one GEMM per core)."""
-        if tokens <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
-            return self._stream_memo(self.core_tensors())[3] != "opt_einsum"
-        return self.engine.stream_method(self.core_shapes, tokens) != "opt_einsum"
 
     def _needs_core_grad(self) -> bool:
         return torch.is_grad_enabled() and any(c.requires_grad for c in self.core_tensors())

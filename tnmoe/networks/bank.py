@@ -241,9 +241,12 @@ class MPOBank(nn.Module):
 
     def core(self, matrix: int, k: int) -> torch.Tensor:
         """Core ``k`` of ``matrix``: the shared parameter itself, or a view of the stacked one."""
+        self._check_matrix(matrix)
+        return self.cores[k][matrix] if self.batched[k] else self.cores[k]
+
+    def _check_matrix(self, matrix: int) -> None:
         if not -self.num_matrices <= matrix < self.num_matrices:
             raise IndexError(f"matrix {matrix} out of range for a bank of {self.num_matrices} matrices")
-        return self.cores[k][matrix] if self.batched[k] else self.cores[k]
 
     def mpo(self, matrix: int = 0) -> MPO:
         """Matrix ``matrix`` as a detached :class:`MPO`."""
@@ -446,14 +449,11 @@ class MPOBank(nn.Module):
     def stream(self, x: torch.Tensor, matrix: int = 0) -> torch.Tensor:
         """``x @ W_matrix.T`` for ``x`` ``(N, in)`` by contracting the tokens through the
         cores (never materializing ``W``); dtype per the precision policy."""
-        if not -self.num_matrices <= matrix < self.num_matrices:
-            raise IndexError(f"matrix {matrix} out of range for a bank of {self.num_matrices} matrices")
+        self._check_matrix(matrix)
         every = self.core_tensors()
         cores = [c[matrix] if b else c for c, b in zip(every, self.batched)]
         out_dtype = self._out_dtype(cores[0])
-        chain = "opt_einsum"
-        if x.shape[0] <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
-            chain = self._stream_memo(every)[3]  # (a few tokens is Python-bound: the memoized order)
+        chain = self._chain_method(int(x.shape[0]), every)
         with _autocast_off(x.device.type):
             work = self._work(cores)
             x = x.to(work[0].dtype)
@@ -465,13 +465,13 @@ class MPOBank(nn.Module):
 
     def stream_grouped(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Each matrix's tokens streamed through its cores: ``x`` ``(N, in)`` sorted by matrix,
-        ``counts[e]`` rows of matrix ``e`` (each at most ``CHAIN_STREAM_MAX_TOKENS``); shared cores
-        at either end of the contraction order run once for all tokens
+        ``counts[e]`` rows of matrix ``e``; shared cores at either end of the contraction order run
+        once for all tokens (one stream per matrix instead when a matrix has more than
+        ``CHAIN_STREAM_MAX_TOKENS`` tokens or no chain order applies)
         (:func:`~tnmoe.networks.contraction.stream_chain_grouped`). Returns ``(N, out)``."""
         every = self.core_tensors()
-        chain = self.engine.stream_method(self.core_shapes, 1) if torch.compiler.is_compiling() \
-            else self._stream_memo(every)[3]
-        if chain == "opt_einsum" or max(counts) > CHAIN_STREAM_MAX_TOKENS:
+        chain = self._chain_method(max(counts), every)
+        if chain == "opt_einsum":
             pieces = torch.split(x, list(counts))
             return torch.cat([self.stream(pieces[e], e) for e, n in enumerate(counts) if n > 0], 0)
         out_dtype = self._out_dtype(every[0])
@@ -492,15 +492,18 @@ class MPOBank(nn.Module):
         else:
             index = torch.as_tensor(list(matrices), dtype=torch.long, device=self.cores[0].device)
             cores = [c.index_select(0, index) if b else c for c, b in zip(self.cores, self.batched)]
-        if int(x.shape[1]) <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
-            method = self._stream_memo(self.core_tensors())[3]
-        else:
-            method = self.engine.stream_method(self.core_shapes, int(x.shape[1]))
-        from_left = method == "chain_from_left"
+        from_left = self._chain_method(int(x.shape[1])) == "chain_from_left"
         with _autocast_off(x.device.type):
             work = self._work(cores)
             y = stream_chain_batched(x.to(work[0].dtype), work, from_left=from_left)
         return y.to(self._out_dtype())
+
+    def _chain_method(self, tokens: int, cores: Sequence[torch.Tensor] | None = None) -> str:
+        """The engine's :meth:`~tnmoe.networks.ContractionEngine.stream_method` for ``tokens`` tokens
+        per matrix; memoized per shape outside ``torch.compile`` (a few tokens is Python-bound)."""
+        if tokens <= CHAIN_STREAM_MAX_TOKENS and not torch.compiler.is_compiling():
+            return self._stream_memo(cores if cores is not None else self.core_tensors())[3]
+        return self.engine.stream_method(self.core_shapes, tokens)
 
     def stream_is_cheaper(self, tokens: int, weight_cached: bool = False) -> bool:
         """Whether streaming ``tokens`` tokens through one matrix beats reconstruct+matmul

@@ -100,11 +100,15 @@ def _settle(p: torch.Tensor) -> None:
     for entry in witnesses:
         alias, witness, version = entry
         if witness._version != version:
-            p.__dict__["_tnmoe_writes"] = p.__dict__.get("_tnmoe_writes", 0) + 1
+            _count_write(p)
             entry[2] = witness._version
         if alias() is not None:
             kept.append(entry)
     witnesses[:] = kept
+
+
+def _count_write(p: torch.Tensor) -> None:
+    p.__dict__["_tnmoe_writes"] = p.__dict__.get("_tnmoe_writes", 0) + 1
 
 
 def parameter_writes(t: torch.Tensor) -> int:
@@ -126,7 +130,7 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if type(p) is TrackedParameter:
-                p.__dict__["_tnmoe_writes"] = p.__dict__.get("_tnmoe_writes", 0) + 1
+                _count_write(p)
 
 
 def track_parameters(tensors: Sequence[torch.Tensor]) -> bool:

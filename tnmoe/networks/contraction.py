@@ -321,7 +321,7 @@ def stream_chain_grouped(x: torch.Tensor, cores: Sequence[torch.Tensor], stacked
     steps_all, out = _chain_steps(shapes, n_all, from_left, False)
     state = _run_chain(x, [c for c, _ in order[:head]], steps_all[:head], from_left) if head else x
     if head < m:
-        rows = int(state.shape[0]) // max(n_all, 1) if n_all else 0  # state rows per token (token-major)
+        rows = int(state.shape[0]) // n_all  # state rows per token (token-major)
         pieces, start = [], 0
         for e, n in enumerate(counts):
             n = int(n)
@@ -371,30 +371,31 @@ def _chain_steps(shapes: tuple[Shape, ...], n: int, from_left: bool, batched: bo
     omit the leading matrix dim; it is prepended (``batched``) when the steps run."""
     lead = (-1,) if batched else ()
     off = len(lead)  # permutations index past the leading dim
+
+    def moved(shape, perm):  # the permutation past the leading dim; None when it moves only unit modes
+        return _offset(perm, off) if _moves_data(shape, perm) else None
+
+    def step(pre, pre_perm, cols, operand, copy, post, post_perm) -> _ChainStep:
+        return _ChainStep(lead + pre, moved(pre, pre_perm), cols, operand, copy, lead + post, moved(post, post_perm))
+
     steps = []
     if not from_left:
         left, acc = _prod(s[2] for s in shapes), 1
         for r, o, i, r2 in reversed(shapes):
             left //= i
-            pre = (n * left, i, acc, r2)  # -> (n*left, acc, i, r2)
-            post = (n * left, acc, r, o)  # -> (n*left, o, acc, r)
-            pre_perm, post_perm = (0, 2, 1, 3), (0, 3, 1, 2)
-            steps.append(_ChainStep(
-                lead + pre, _offset(pre_perm, off) if _moves_data(pre, pre_perm) else None, i * r2,
-                (r * o, i * r2), False,
-                lead + post, _offset(post_perm, off) if _moves_data(post, post_perm) else None))
+            # (n*left, i, acc, r2) -> (n*left, acc, i, r2);
+            # after the GEMM (n*left, acc, r, o) -> (n*left, o, acc, r)
+            steps.append(step((n * left, i, acc, r2), (0, 2, 1, 3), i * r2, (r * o, i * r2), False,
+                              (n * left, acc, r, o), (0, 3, 1, 2)))
             acc *= o
     else:
         right, acc = _prod(s[2] for s in shapes), 1
         for r, o, i, r2 in shapes:
             right //= i
-            pre = (n * acc, r, i, right)  # -> (n*acc, right, r, i)
-            post = (n * acc, right, o, r2)  # -> (n*acc, o, r2, right)
-            pre_perm, post_perm = (0, 3, 1, 2), (0, 2, 3, 1)
-            steps.append(_ChainStep(
-                lead + pre, _offset(pre_perm, off) if _moves_data(pre, pre_perm) else None, r * i,
-                (r * i, o * r2), not (o == 1 or i == 1),
-                lead + post, _offset(post_perm, off) if _moves_data(post, post_perm) else None))
+            # (n*acc, r, i, right) -> (n*acc, right, r, i);
+            # after the GEMM (n*acc, right, o, r2) -> (n*acc, o, r2, right)
+            steps.append(step((n * acc, r, i, right), (0, 3, 1, 2), r * i, (r * i, o * r2), not (o == 1 or i == 1),
+                              (n * acc, right, o, r2), (0, 2, 3, 1)))
             acc *= o
     return tuple(steps), acc
 
