@@ -453,31 +453,21 @@ def compressed_table(path=HERE / "benchmarks" / "compressed_cpu.json", doc=HERE.
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["compressed"]:
-        compressed_table()
-        sys.exit()
-    if sys.argv[1:] == ["conversion"]:
-        conversion_table()
-        sys.exit()
-    if sys.argv[1:] == ["moe-compression"]:
-        moe_compression_table(doc=moe_compression_doc())
-        sys.exit()
-    if sys.argv[1:] == ["benchmarks"]:
+    SUBCOMMANDS = {
+        "compressed": compressed_table,
+        "conversion": conversion_table,
+        "moe-compression": lambda: moe_compression_table(doc=moe_compression_doc()),
+        "benchmarks": benchmark_tables,
+        "evidence": evidence_tables,
+        "decode": decode_table,
+        "checksum": checksum_table,
+        "architectures": architecture_table,
+    }
+    chosen = SUBCOMMANDS.get(sys.argv[1]) if len(sys.argv) == 2 else None
+    if chosen is not None:
+        chosen()
+    else:  # no subcommand (or an unknown one, as before): the default tables
         benchmark_tables()
-        sys.exit()
-    if sys.argv[1:] == ["evidence"]:
-        evidence_tables()
-        sys.exit()
-    if sys.argv[1:] == ["decode"]:
         decode_table()
-        sys.exit()
-    if sys.argv[1:] == ["checksum"]:
         checksum_table()
-        sys.exit()
-    if sys.argv[1:] == ["architectures"]:
-        architecture_table()
-        sys.exit()
-    benchmark_tables()
-    decode_table()
-    checksum_table()
-    evidence_tables()
+        evidence_tables()

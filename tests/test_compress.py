@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -21,24 +22,10 @@ from tnmoe.moe import MoEConfig  # noqa: E402
 from tnmoe.networks.fit import InputCovariance, output_error, tt_svd_with_bonds, whitened_svd  # noqa: E402
 
 from references import naive_matrix  # noqa: E402
-from tiny_models import tiny_gpt2  # noqa: E402
+from tiny_models import MIXTRAL_DIMS, VOCAB, tiny_gpt2, tiny_mixtral, token_batches  # noqa: E402
 
-D, FF, E, K = 32, 48, 4, 2
-VOCAB = 100
-
-
-def _mixtral(dtype=torch.float64, layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K, max_position_embeddings=64,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0, experts_implementation="eager")
-    return transformers.MixtralForCausalLM(cfg).to(dtype).eval()
-
-
-def _batches(n=3, batch=4, seq=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, VOCAB, (batch, seq), generator=g)} for _ in range(n)]
+D, FF, E, K = MIXTRAL_DIMS
+_batches = functools.partial(token_batches, seq=24)
 
 
 def _probe():
@@ -102,7 +89,7 @@ def _bank_weights(model, layer, role):
 
 # -- exactness ---------------------------------------------------------------------------------------
 def test_lossless_bonds_reproduce_the_logits():
-    model = _mixtral()
+    model = tiny_mixtral()
     want = _logits(model)
     config = MoEConfig(share="none", factors={D: [2, 4, 4], FF: [3, 4, 4]})
     model.train()  # calibration runs in eval mode anyway; the modes are restored (and given to the new experts)
@@ -123,7 +110,7 @@ FACTORS3 = {D: [2, 4, 4], FF: [3, 4, 4]}
 
 def test_truncated_fit_is_never_worse_than_per_expert_tt_svd_on_the_routed_covariances():
     """Padded batches: the padding tokens (attention_mask 0) are left out of the statistics."""
-    model = _mixtral()
+    model = tiny_mixtral()
     batches = _batches()
     for b in batches:  # right padding of 1..4 positions per row
         b["attention_mask"] = torch.ones_like(b["input_ids"])
@@ -174,7 +161,7 @@ def test_rank_r_per_expert_fit_is_the_whitened_svd_of_the_layer_inputs_it_was_gi
     """m = 2 with unit factors, share="none": each expert's matrix is the whitened SVD under its
     routed covariance. Sequential: layer 1's covariance comes from the compressed layer 0's
     outputs (captured on the compressed model); not sequential: from the original model's."""
-    model = _mixtral()
+    model = tiny_mixtral()
     batches = _batches()
     original = copy.deepcopy(model)
     rank = 5
@@ -201,7 +188,7 @@ def test_rank_r_per_expert_fit_is_the_whitened_svd_of_the_layer_inputs_it_was_gi
 def test_shared_v_joint_objective_is_the_routed_output_error_of_the_captured_activations():
     """m = 2, share=[1]: one hidden-side basis per layer and role (up / gate's V) fitted to all
     experts jointly; the fit's objective is ``(1/N) sum_t sum_e w_te^2 ||(W_e - Ŵ_e) x_t||^2``."""
-    model = _mixtral()
+    model = tiny_mixtral()
     batches = _batches()
     original = copy.deepcopy(model)
     calls = _capture(original, 0, batches)
@@ -236,7 +223,7 @@ def test_shared_v_joint_objective_is_the_routed_output_error_of_the_captured_act
 
 
 def test_an_expert_no_token_reached_is_fitted_to_the_layers_pooled_covariance():
-    model = _mixtral()
+    model = tiny_mixtral()
 
     def never_expert_3(router, args, output):  # layer 0's router never picks expert 3
         logits = output[0].clone()
@@ -271,7 +258,7 @@ def test_a_failure_in_a_later_layer_leaves_the_model_unchanged(monkeypatch):
 
     compress_module = importlib.import_module("tnmoe.models.compress")  # the module, not the function
 
-    model = _mixtral()
+    model = tiny_mixtral()
     want = _logits(model)
     originals = [model.model.layers[i].mlp.experts for i in range(2)]
     real_fit, calls = compress_module._fit, []
@@ -292,7 +279,7 @@ def test_a_failure_in_a_later_layer_leaves_the_model_unchanged(monkeypatch):
 
 
 def test_clear_errors():
-    model = _mixtral()
+    model = tiny_mixtral()
     config = MoEConfig(share="none", m=2)
     with pytest.raises(ValueError, match="no routed experts"):
         moe.compress(tiny_gpt2(), config, calibration=[torch.zeros(1, 4, dtype=torch.long)], progress=False)
@@ -325,7 +312,7 @@ def test_clear_errors():
 
 # -- persistence ---------------------------------------------------------------------------------------
 def test_a_compressed_model_round_trips_through_save_and_load_at_its_compressed_size(tmp_path):
-    model = _mixtral(torch.float32)
+    model = tiny_mixtral(torch.float32)
     uncompressed_bytes = 4 * sum(p.numel() for p in model.parameters())
     experts_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     config = MoEConfig(share=[1], factors=moe.low_rank_factors(D, FF))
@@ -358,7 +345,7 @@ def test_a_compressed_model_round_trips_through_save_and_load_at_its_compressed_
 def test_the_experts_of_tnmoe_converted_models_compress_too():
     """A converted Mixtral (RoutedExperts, dense bank) and an upcycled GPT-2 (MoELayer: its router
     kept, its experts replaced), lossless: same logits as before compressing."""
-    mixtral = _mixtral(torch.float64)  # convert's probe compares a float64 model in float64
+    mixtral = tiny_mixtral(torch.float64)  # convert's probe compares a float64 model in float64
     moe.convert(mixtral, MoEConfig(expert_type="dense"), progress=False)
     want = _logits(mixtral)
     report = moe.compress(mixtral, MoEConfig(share="none", factors=FACTORS3), calibration=_batches(n=1),
@@ -392,7 +379,7 @@ def test_an_offloaded_model_is_compressed_one_layer_on_the_device_at_a_time():
     layers plus the embeddings; the whole model is well over that. The result equals the same
     compression of the model in memory."""
     accelerate = pytest.importorskip("accelerate")
-    model = _mixtral(torch.float32, layers=4)
+    model = tiny_mixtral(torch.float32, layers=4)
     in_memory = copy.deepcopy(model)
     layer_bytes = 4 * sum(p.numel() for p in model.model.layers[0].parameters())
     outside_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if ".layers." not in n)

@@ -21,22 +21,9 @@ sys.path.insert(0, str(ROOT / "results"))
 FIX = Path(__file__).resolve().parent / "fixtures"
 
 import moe_compression as mc  # noqa: E402
+from tiny_models import MIXTRAL_DIMS, tiny_mixtral, token_batches  # noqa: E402
 
-D, FF, E, K, VOCAB = 32, 48, 4, 2, 100
-
-
-def _mixtral(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=FF, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K, max_position_embeddings=64,
-        bos_token_id=2, eos_token_id=1, pad_token_id=0, experts_implementation="eager")
-    return transformers.MixtralForCausalLM(cfg).to(dtype).eval()
-
-
-def _batches(n=3, batch=4, seq=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(3, VOCAB, (batch, seq), generator=g)} for _ in range(n)]
+D, FF, E, K = MIXTRAL_DIMS
 
 
 def _weights(model, layer):
@@ -80,7 +67,7 @@ def _block_inputs(seed=5, tokens=40):
 
 
 def test_pruning_keeps_the_most_routed_experts_and_their_router_rows():
-    model, batches = _mixtral(), _batches()
+    model, batches = tiny_mixtral(), token_batches()
     names = mc.experts_names(model)
     counts = _routing_counts(model, batches)
     w = {i: _weights(model, i) for i in range(2)}
@@ -113,7 +100,7 @@ def test_pruning_keeps_the_most_routed_experts_and_their_router_rows():
 
 
 def test_merging_averages_each_group_by_routing_frequency_and_routes_merged_indices_to_the_survivor():
-    model, batches = _mixtral(), _batches()
+    model, batches = tiny_mixtral(), token_batches()
     names = mc.experts_names(model)
     counts = _routing_counts(model, batches)
     w = {i: _weights(model, i) for i in range(2)}
@@ -157,10 +144,10 @@ def test_merging_averages_each_group_by_routing_frequency_and_routes_merged_indi
 
 
 def test_merging_and_pruning_refuse_a_ratio_that_is_not_whole_experts():
-    model = _mixtral()
+    model = tiny_mixtral()
     names = mc.experts_names(model)
     with pytest.raises(mc.RecipeError, match="multiples of 1/E"):
-        mc.apply_method(model, "prune", 0.3, names, _batches(n=1), None)
+        mc.apply_method(model, "prune", 0.3, names, token_batches(n=1), None)
 
 
 class _Args:
@@ -174,12 +161,12 @@ def _low_rank_bank(model, layer, role):
 def test_svd_is_the_truncated_svd_of_each_expert_and_data_blind():
     """``svd``: every expert matrix is its own rank-r truncated SVD (r the bond compress chose),
     whatever the calibration data; the count stays within the budget."""
-    model, other = _mixtral(), _mixtral()
+    model, other = tiny_mixtral(), tiny_mixtral()
     names = mc.experts_names(model)
     w = _weights(model, 1)
     before = mc.expert_parameters(model, names)
-    info = mc.apply_method(model, "svd", 0.5, names, _batches(seed=1), _Args())
-    mc.apply_method(other, "svd", 0.5, names, _batches(seed=2, n=1), _Args())
+    info = mc.apply_method(model, "svd", 0.5, names, token_batches(seed=1), _Args())
+    mc.apply_method(other, "svd", 0.5, names, token_batches(seed=2, n=1), _Args())
     r = info["max_bond"]
     assert r == int(0.5 * D * FF / (D + FF))  # the largest rank whose r (D + FF) per matrix fits the budget
     assert mc.expert_parameters(model, names) == info["compress_params_after"] == 2 * 3 * E * r * (D + FF) <= before / 2
@@ -194,10 +181,10 @@ def test_svd_is_the_truncated_svd_of_each_expert_and_data_blind():
 
 
 def test_whitened_svd_beats_svd_on_the_block_output_error_at_the_same_budget():
-    model, svd_model = _mixtral(), _mixtral()
+    model, svd_model = tiny_mixtral(), tiny_mixtral()
     names = mc.experts_names(model)
-    reference = mc.capture_blocks(_mixtral(), names, _batches(seed=3, n=2))
-    calibration = _batches(n=4)
+    reference = mc.capture_blocks(tiny_mixtral(), names, token_batches(seed=3, n=2))
+    calibration = token_batches(n=4)
     a = mc.apply_method(model, "whitened-svd", 0.5, names, calibration, _Args())
     b = mc.apply_method(svd_model, "svd", 0.5, names, calibration, _Args())
     assert a["max_bond"] == b["max_bond"]

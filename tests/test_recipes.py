@@ -1039,30 +1039,21 @@ def test_timer_cpu_time_ignores_waiting_and_accumulates():
     assert t.cpu_seconds > 0.005 and t.seconds >= t.cpu_seconds  # the second block added to both
 
 
-def test_the_fitting_docs_conversion_table_is_the_committed_study(tmp_path, monkeypatch):
-    """docs/fitting.md's fine-tuning table is what make_tables prints from the STS-B factorization
-    study's factorization.json (rerun `python results/make_tables.py conversion` after a new run)."""
+@pytest.mark.parametrize("printer, page, command", [("conversion_table", "fitting.md", "conversion"),
+                                                   ("compressed_table", "compression.md", "compressed")])
+def test_docs_marker_tables_are_the_ones_make_tables_writes(tmp_path, monkeypatch, printer, page, command):
+    """docs/fitting.md's fine-tuning table (from the STS-B factorization study's factorization.json)
+    and docs/compression.md's compressed-inference table (from results/benchmarks/compressed_cpu.json)
+    are what make_tables writes between their markers (rerun `python results/make_tables.py
+    conversion|compressed` after a new run)."""
     monkeypatch.syspath_prepend(str(ROOT / "results"))
     import make_tables
 
-    doc = ROOT / "docs" / "fitting.md"
-    copy = tmp_path / "fitting.md"
+    doc = ROOT / "docs" / page
+    copy = tmp_path / page
     shutil.copy(doc, copy)
-    make_tables.conversion_table(doc=copy)
-    assert copy.read_text() == doc.read_text(), "rerun python results/make_tables.py conversion"
-
-
-def test_the_compression_docs_inference_table_is_the_committed_benchmark(tmp_path, monkeypatch):
-    """docs/compression.md's compressed-inference table is what make_tables prints from
-    results/benchmarks/compressed_cpu.json (rerun `python results/make_tables.py compressed`)."""
-    monkeypatch.syspath_prepend(str(ROOT / "results"))
-    import make_tables
-
-    doc = ROOT / "docs" / "compression.md"
-    copy = tmp_path / "compression.md"
-    shutil.copy(doc, copy)
-    make_tables.compressed_table(doc=copy)
-    assert copy.read_text() == doc.read_text(), "rerun python results/make_tables.py compressed"
+    getattr(make_tables, printer)(doc=copy)
+    assert copy.read_text() == doc.read_text(), f"rerun python results/make_tables.py {command}"
 
 
 def test_make_tables_glue_pairs_by_seed_and_ignores_factorization_runs(tmp_path, capsys):
