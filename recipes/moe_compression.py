@@ -19,7 +19,9 @@ inputs), and PPL after the same recovery fine-tune for every method. Methods:
   MPO, no data: ``fit_options={"start": "tt-svd", "sweeps": 0}``), ``svd`` (per-expert rank-r
   SVD, no data: the same options on the m = 2 unit-factor form), ``whitened-svd`` (per-expert,
   fitted to the routed inputs), ``shared-v`` (m = 2, ``share=[1]``: one hidden-side basis per
-  layer and matrix, MoE-SVD-style), ``mpoe`` (m-core MPO, central core shared, fitted to data);
+  layer and matrix, MoE-SVD-style), ``mpoe`` (m-core MPO, central core shared, fitted to data),
+  ``base-delta`` (one base matrix per layer and role shared by all experts plus a low-rank delta
+  per expert, D²-MoE-style, fitted to data: ``MoEConfig(expert_type="base_delta")``);
 * baselines (here, not library code): ``merge`` (E' survivors = the most routed experts; every
   other expert joins the survivor whose outputs on the calibration tokens are most similar;
   each group's weights averaged by routing frequency; the router keeps its E rows, a merged
@@ -68,6 +70,7 @@ TNMOE_METHODS: dict[str, dict] = {
     "whitened-svd": {"share": "none", "low_rank": True, "fit_options": None},
     "shared-v": {"share": [1], "low_rank": True, "fit_options": None},
     "mpoe": {"share": "central", "low_rank": False, "fit_options": None},
+    "base-delta": {"expert_type": "base_delta", "fit_options": None},
 }
 BASELINE_METHODS = ("merge", "prune")
 METHODS = tuple(TNMOE_METHODS) + BASELINE_METHODS
@@ -469,7 +472,9 @@ def apply_method(model: nn.Module, method: str, removed: float, names: Sequence[
     if method in TNMOE_METHODS:
         spec = TNMOE_METHODS[method]
         d_model, d_ff = ffn_sizes(model)
-        if spec["low_rank"]:
+        if spec.get("expert_type") == "base_delta":
+            config = moe.MoEConfig(expert_type="base_delta")
+        elif spec["low_rank"]:
             try:
                 factors = moe.low_rank_factors(d_model, d_ff)
             except ValueError as err:

@@ -22,6 +22,7 @@ FIX = Path(__file__).resolve().parent / "fixtures"
 
 import moe_compression as mc  # noqa: E402
 from tiny_models import MIXTRAL_DIMS, tiny_mixtral, token_batches  # noqa: E402
+import tnmoe.moe as moe  # noqa: E402
 
 D, FF, E, K = MIXTRAL_DIMS
 
@@ -192,6 +193,27 @@ def test_whitened_svd_beats_svd_on_the_block_output_error_at_the_same_budget():
     # random weights, random tokens: the whitening gains little but must not lose on layer 0
     # (same inputs as calibration's distribution; layer 1 sees compressed inputs in both)
     assert mc.block_output_errors(model, reference)[0] < mc.block_output_errors(svd_model, reference)[0]
+
+
+def test_base_delta_is_a_shared_base_plus_rank_r_deltas_within_the_budget():
+    """``base-delta``: per layer and role one base matrix shared by the experts plus a rank-r delta
+    each; r is the largest whose count fits the budget, and the bank is fitted to data (it beats
+    the same structure fitted data-blind on the calibration objective's layer 0)."""
+    model = tiny_mixtral()
+    names = mc.experts_names(model)
+    before = mc.expert_parameters(model, names)
+    reference = mc.capture_blocks(tiny_mixtral(), names, token_batches(seed=3, n=2))
+    info = mc.apply_method(model, "base-delta", 0.5, names, token_batches(n=4), _Args())
+    r = info["max_bond"]
+    # per matrix: D * FF (base) + E * r * (D + FF) (deltas); 3 matrices, 2 layers
+    assert r == int((0.5 * E - 1) * D * FF / (E * (D + FF)))
+    assert mc.expert_parameters(model, names) == info["compress_params_after"] \
+        == 2 * 3 * (D * FF + E * r * (D + FF)) <= before / 2
+    bank = model.model.layers[1].mlp.experts.experts.up
+    assert isinstance(bank, moe.BaseDeltaExpertBank) and bank.rank == r
+    blind = tiny_mixtral()
+    moe.convert(blind, moe.MoEConfig(expert_type="base_delta", max_bond=r), progress=False)
+    assert mc.block_output_errors(model, reference)[0] < mc.block_output_errors(blind, reference)[0]
 
 
 # -- the study end to end -----------------------------------------------------------------------------

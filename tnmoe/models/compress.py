@@ -5,7 +5,9 @@ OLMoE, DeepSeek-V3, gpt-oss, Switch, ...: what :func:`~tnmoe.models.convert.find
 finds) or of a tnmoe-converted model (:class:`~tnmoe.moe.routed.RoutedExperts`, and the experts of
 :class:`~tnmoe.moe.layer.MoELayer`) by :class:`~tnmoe.moe.banks.MPOExpertBank` experts whose cores
 (any subset shared by all experts of a layer) are fitted, per matrix role, to the experts' outputs
-on the tokens the model's own router sends them (:func:`~tnmoe.networks.fit.fit_mpo_bank`).
+on the tokens the model's own router sends them (:func:`~tnmoe.networks.fit.fit_mpo_bank`), or by
+a :class:`~tnmoe.moe.banks.BaseDeltaExpertBank` (one shared base per layer and role plus low-rank
+deltas per expert, :func:`~tnmoe.networks.fit_base_delta`) fitted to the same objective.
 
 The objective of matrix ``W_e`` (role up / gate / down of expert ``e``) is
 
@@ -46,7 +48,7 @@ from .adapters import get_adapter
 from .adapters.moe_experts import ExpertsSpec
 from .convert import _extract, _tnmoe_modules, find_target_modules
 from .hf_config import mark_hf_config
-from .routed import check_routed_config, empty_mpo_bank
+from .routed import check_routed_config, empty_bank
 
 __all__ = ["compress", "CompressionReport", "LayerCompression", "low_rank_factors"]
 
@@ -191,10 +193,11 @@ def _read_spec(model: nn.Module, target: _Target) -> ExpertsSpec:
 def _expert_fields(config: MoEConfig) -> dict:
     """The fields of ``config`` that shape the compressed experts (a converted model's recorded
     config keeps its other fields); per-matrix bond choices of an earlier conversion are dropped."""
-    out = {"expert_type": "mpo", "share": config.share, "m": config.m, "factors": config.factors,
+    out = {"expert_type": config.expert_type, "share": config.share, "m": config.m, "factors": config.factors,
            "max_bond": config.max_bond, "init_noise": 0.0,
            # memory-bounded inference: a rebuilt-weight cache would hold the uncompressed experts
-           "cache_weights": False}
+           # (base-plus-delta banks never rebuild their experts' matrices)
+           "cache_weights": config.expert_type != "mpo"}
     names = {f.name for f in dataclasses.fields(MoEConfig)}
     out.update({k: None for k in ("target_ratio", "bond_dims") if k in names})
     return out
@@ -234,7 +237,7 @@ def _find_targets(model: nn.Module, config: MoEConfig) -> list[_Target]:
     if len(routed) != len(found):
         raise ValueError(f"target_modules selects dense FFNs {[n for n, m in found if (n, m) not in routed][:3]}; "
                          "compress replaces routed experts only")
-    recorded = dataclasses.replace(config, cache_weights=False)  # memory-bounded inference, see _expert_fields
+    recorded = dataclasses.replace(config, cache_weights=config.expert_type != "mpo")  # see _expert_fields
     return [_Target(n, m, "hf", recorded) for n, m in routed]
 
 
@@ -251,9 +254,16 @@ def _params_before(target: _Target, spec: ExpertsSpec) -> int:
         + _bias_params(spec)
 
 
-def _meta_banks(spec: ExpertsSpec, config: MoEConfig) -> dict[str, MPOExpertBank]:
-    return {role: empty_mpo_bank(W.shape[0], W.shape[1], W.shape[2], config, dtype=torch.float32, device="meta")
+def _meta_banks(spec: ExpertsSpec, config: MoEConfig) -> dict[str, nn.Module]:
+    return {role: empty_bank(W.shape[0], W.shape[1], W.shape[2], config, dtype=torch.float32, device="meta")
             for role, W in spec.matrices().items()}
+
+
+def _bond_limit(bank: nn.Module) -> int:
+    """The bond (MPO) or delta rank (base + deltas) past which the bank is exact."""
+    if isinstance(bank, MPOExpertBank):
+        return max(bank.bond_dims)
+    return min(bank.in_features, bank.out_features)
 
 
 def _params_after(spec: ExpertsSpec, config: MoEConfig) -> int:
@@ -267,7 +277,7 @@ def _solve_bond(specs: list[ExpertsSpec], configs: list[MoEConfig], budget: floa
     def total(bond: int) -> int:
         return sum(_params_after(s, dataclasses.replace(c, max_bond=bond)) for s, c in zip(specs, configs))
 
-    lossless = max(max(b.bond_dims) for s, c in zip(specs, configs)
+    lossless = max(_bond_limit(b) for s, c in zip(specs, configs)
                    for b in _meta_banks(s, dataclasses.replace(c, max_bond=None)).values())
     if total(1) > budget:
         raise ValueError(f"target_ratio is below what bond 1 reaches ({total(1):,} parameters, budget "
@@ -437,7 +447,7 @@ def _fit(target: _Target, spec: ExpertsSpec, stats: _ExpertStatistics, fit_optio
     dtype = spec.up.dtype
     banks, report = {}, {"bonds": {}, "err": {}, "tt": {}, "obj": {}}
     for role, W in spec.matrices().items():
-        bank = empty_mpo_bank(W.shape[0], W.shape[1], W.shape[2], config, dtype=dtype, device=device)
+        bank = empty_bank(W.shape[0], W.shape[1], W.shape[2], config, dtype=dtype, device=device)
         with torch.no_grad():
             fit = bank.fit_matrices(W.detach().to(device), covs[role], **fit_options)
         banks[role] = bank
@@ -649,7 +659,10 @@ def compress(model: nn.Module, config: MoEConfig, *, calibration: Iterable, targ
             experts are replaced; an ``MoELayer`` keeps its router).
         config: ``expert_type="mpo"``; ``m`` / ``factors`` (see :func:`low_rank_factors` for the
             rank-r form), ``share`` (cores shared by all experts of a layer: any subset) and
-            ``max_bond`` (or ``target_ratio``). Router fields stay at their defaults (the routing is
+            ``max_bond`` (or ``target_ratio``). Or ``expert_type="base_delta"``: one base matrix
+            per layer and role shared by every expert plus a rank-``max_bond`` delta per expert
+            (:class:`~tnmoe.moe.BaseDeltaExpertBank`, D²-MoE's structure), fitted to the same
+            objective (:func:`~tnmoe.networks.fit_base_delta`). Router fields stay at their defaults (the routing is
             the model's).
         calibration: an iterable of batches (dicts of model inputs, or input tensors), run once in
             eval mode without gradients; padding (``attention_mask == 0``) is left out.
@@ -669,8 +682,9 @@ def compress(model: nn.Module, config: MoEConfig, *, calibration: Iterable, targ
     """
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a tnmoe.moe.MoEConfig, got {type(config).__name__}")
-    if config.expert_type != "mpo":
-        raise ValueError(f"compress fits MPO experts: use expert_type='mpo', got {config.expert_type!r}")
+    if config.expert_type not in ("mpo", "base_delta"):
+        raise ValueError(f"compress fits MPO experts (expert_type='mpo') or a shared base plus low-rank deltas "
+                         f"(expert_type='base_delta'), got {config.expert_type!r}")
     if getattr(config, "bond_dims", None):
         raise ValueError("compress uses one bond cap for every matrix (max_bond, or the one target_ratio= solves "
                          "for); MoEConfig.bond_dims is not supported here")
@@ -703,7 +717,8 @@ def compress(model: nn.Module, config: MoEConfig, *, calibration: Iterable, targ
         for t in targets:
             t.config = dataclasses.replace(t.config, max_bond=bond)
     for t, s in zip(targets, shapes):
-        resolve_share(t.config.share, len(_meta_banks(s, t.config)["up"].cores))  # out-of-range share index
+        if t.config.expert_type == "mpo":
+            resolve_share(t.config.share, len(_meta_banks(s, t.config)["up"].cores))  # out-of-range share index
         t.config.validate()
     dims = {d for s in shapes for d in (s.d_model, s.d_ff)}
     unused = sorted(set(config.factors) - dims)

@@ -27,6 +27,7 @@ from ..moe.routed import RoutedExperts
 from .routed import (
     build_routed_experts,
     check_routed_config,
+    empty_bank,
     empty_mpo_bank,
     matrix_factors,
     verify_dense_extraction,
@@ -85,6 +86,14 @@ def build_moe_layer(spec: FFNSpec, config: MoEConfig, *, init: str = "pretrained
             b = DenseExpertBank(num_experts=E, in_features=in_dim, out_features=out_dim, dtype=dtype, device=device)
             if load:
                 b.load_matrix(W.detach(), config.init_noise, generator)
+            return b
+        if config.expert_type == "base_delta":
+            # upcycling: every expert = the pretrained matrix (base), deltas at zero (LoRA-style)
+            b = empty_bank(E, out_dim, in_dim, config, dtype=dtype, device=device,
+                           init="zeros" if load else "empty", generator=generator)
+            if load:
+                check_finite(W, "the pretrained FFN matrix")
+                b.load_matrix(W.detach())
             return b
         bonds = config.bonds_for(f"{name}.{role}") if name is not None else None
         b = empty_mpo_bank(E, out_dim, in_dim, config, dtype=dtype, device=device, bond_dims=bonds)
@@ -275,6 +284,10 @@ def _truncates(config: MoEConfig) -> bool:
 def _resolve_budget(model: nn.Module, targets, config: MoEConfig, init: str, covariances: dict) -> MoEConfig:
     """``config`` with ``bond_dims`` chosen for ``target_ratio`` (unchanged without one, or when
     ``bond_dims`` already records the choice, as in a checkpoint's config)."""
+    if config.target_ratio is not None and config.expert_type == "base_delta":
+        raise ValueError("target_ratio= with expert_type='base_delta' chooses the deltas' rank from trained experts: "
+                         "use tnmoe.moe.compress(model, config, calibration=..., target_ratio=...), or give max_bond "
+                         "(the deltas' rank) here (model left unchanged)")
     if config.target_ratio is None or config.expert_type != "mpo":
         return config
     routed = [name for name, module in targets if get_adapter(module).routed_experts]

@@ -14,7 +14,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..moe.banks import DenseExpertBank, MPOExpertBank
+from ..moe.banks import BaseDeltaExpertBank, DenseExpertBank, MPOExpertBank
 from ..moe.config import MoEConfig
 from ..moe.experts import ExpertFFN
 from ..moe.routed import RoutedExperts
@@ -23,7 +23,7 @@ from ..networks.decompose import check_finite
 from .adapters import FFNSpec
 from .adapters.moe_experts import ExpertsSpec, experts_forward
 
-__all__ = ["build_routed_experts", "check_routed_config", "verify_dense_extraction", "verify_experts_extraction"]
+__all__ = ["build_routed_experts", "empty_bank", "check_routed_config", "verify_dense_extraction", "verify_experts_extraction"]
 
 #: the issue that builds shared factors fitted to differing experts
 _FIT_HINT = ("fitting shared factors to the experts (tnmoe's 'Compress a trained MoE into shared factors "
@@ -87,8 +87,25 @@ def empty_mpo_bank(num_experts: int, out_dim: int, in_dim: int, config: MoEConfi
                          cache_weights=config.cache_weights)
 
 
+def empty_bank(num_experts: int, out_dim: int, in_dim: int, config: MoEConfig, *, dtype: torch.dtype, device,
+               init: str = "empty", generator: torch.Generator | None = None):
+    """An uninitialised bank of ``num_experts`` ``(out_dim, in_dim)`` matrices of
+    ``config.expert_type``: :func:`empty_mpo_bank` for ``"mpo"``, a
+    :class:`BaseDeltaExpertBank` of rank ``max_bond`` (``None``: full rank) for ``"base_delta"``,
+    a :class:`DenseExpertBank` for ``"dense"``."""
+    if config.expert_type == "mpo":
+        return empty_mpo_bank(num_experts, out_dim, in_dim, config, dtype=dtype, device=device)
+    if config.expert_type == "base_delta":
+        rank = min(out_dim, in_dim) if config.max_bond is None else config.max_bond
+        return BaseDeltaExpertBank(num_experts=num_experts, in_features=in_dim, out_features=out_dim, rank=rank,
+                                   init=init, dtype=dtype, device=device, generator=generator)
+    return DenseExpertBank(num_experts=num_experts, in_features=in_dim, out_features=out_dim, dtype=dtype,
+                           device=device)
+
+
 def build_routed_experts(spec: ExpertsSpec, config: MoEConfig, *, init: str = "pretrained") -> RoutedExperts:
     """A :class:`RoutedExperts` holding ``spec``'s experts: ``expert_type="dense"`` copies them,
+    ``"base_delta"`` fits their mean plus truncated-SVD deltas (exact at ``max_bond=None``),
     ``"mpo"`` decomposes each expert's matrices into its own MPO (bonds ``config.max_bond``;
     shared cores only for identical experts, see :func:`check_routed_config`). ``init="empty"``
     leaves the weights to be loaded from a checkpoint; meta tensors give a meta module."""
@@ -106,6 +123,12 @@ def build_routed_experts(spec: ExpertsSpec, config: MoEConfig, *, init: str = "p
                 check_finite(W, "the MoE model's expert matrices")
                 with torch.no_grad():
                     b.weight.copy_(W.detach())
+            return b
+        if config.expert_type == "base_delta":  # data-blind: the mean expert + truncated SVD deltas
+            b = empty_bank(E, out_dim, in_dim, config, dtype=dtype, device=device)
+            if load:
+                check_finite(W, "the MoE model's expert matrices")
+                b.fit_matrices(W.detach().to(device))
             return b
         b = empty_mpo_bank(E, out_dim, in_dim, config, dtype=dtype, device=device)
         if load:

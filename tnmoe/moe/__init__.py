@@ -12,7 +12,7 @@ so ``AutoModel*.from_pretrained`` loads converted checkpoints.
 """
 
 from ..networks import resolve_share
-from .banks import DenseExpertBank, ExpertBank, MPOExpertBank
+from .banks import BaseDeltaExpertBank, DenseExpertBank, ExpertBank, MPOExpertBank
 from .config import MoEConfig
 from .dispatch import DispatchPlan, combine, plan_dispatch
 from .experts import ClampedSwiGLU, ExpertFFN
@@ -25,7 +25,7 @@ from .routed import RoutedExperts, routed_experts
 
 _LAYER_NAMES = [
     "MoEConfig", "MoELayer", "RoutingStats", "ExpertFFN", "ClampedSwiGLU", "RoutedExperts", "routed_experts",
-    "ExpertBank", "MPOExpertBank", "DenseExpertBank",
+    "ExpertBank", "MPOExpertBank", "DenseExpertBank", "BaseDeltaExpertBank",
     "grouped_linear", "grouped_mm_supported", "GROUPED_IMPLS", "resolve_share", "Router", "RouterOutput",
     "TopKRouter", "SwitchRouter", "HashRouter", "DispatchPlan", "plan_dispatch", "combine", "GradientMask",
     "shared_parameters", "auxiliary_loss", "load_balancing_loss", "router_z_loss", "moe_layers",

@@ -2,7 +2,8 @@
 
 :class:`MPOExpertBank` is a :class:`tnmoe.networks.MPOBank` whose matrices are experts (any
 subset of cores shared); :class:`DenseExpertBank` holds plain stacked matrices ``(E, out, in)``
-(the +MoE / +Switch baselines). :class:`~tnmoe.moe.ExpertFFN` composes banks through
+(the +MoE / +Switch baselines); :class:`BaseDeltaExpertBank` is one shared base matrix plus a
+low-rank delta per expert (D²-MoE's structure). :class:`~tnmoe.moe.ExpertFFN` composes banks through
 :class:`ExpertBank` only, so a new kind of bank needs no change there.
 
 Grouped inputs: ``bank(x, counts)`` (the bank's ``forward``; not ``apply``, which
@@ -20,10 +21,10 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from ..networks import ContractionEngine, MPOBank
+from ..networks import ContractionEngine, MPOBank, base_delta_params, fit_base_delta
 from .grouped import grouped_linear
 
-__all__ = ["ExpertBank", "MPOExpertBank", "DenseExpertBank"]
+__all__ = ["ExpertBank", "MPOExpertBank", "DenseExpertBank", "BaseDeltaExpertBank"]
 
 
 @runtime_checkable
@@ -200,3 +201,92 @@ class DenseExpertBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, out={self.out_features}, in={self.in_features}"
+
+
+class BaseDeltaExpertBank(nn.Module):
+    """``num_experts`` matrices ``W_e = base + delta_out[e] @ delta_in[e]``: ``base``
+    ``(out, in)`` shared by every expert, a rank-``rank`` delta per expert, ``delta_out``
+    ``(E, out, rank)`` and ``delta_in`` ``(E, rank, in)`` (D²-MoE's shared base plus low-rank
+    deltas). ``out * in + E * rank * (out + in)`` parameters.
+
+    :meth:`forward` never builds the experts' matrices: every routed token goes through the base
+    (one GEMM) and through its expert's two delta factors (two grouped GEMMs), so inference holds
+    only the parameters. ``init``: ``"empty"`` (to be loaded or fitted), or ``"zeros"``
+    (``base`` zero; ``delta_out`` zero and ``delta_in`` small random, as LoRA starts, so every
+    expert equals the base and the deltas still get gradients).
+    """
+
+    def __init__(self, *, num_experts: int, in_features: int, out_features: int, rank: int, init: str = "empty",
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        _check_num_experts(num_experts)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive integer (each expert's delta rank), got {rank!r}")
+        if init not in ("empty", "zeros"):
+            raise ValueError(f"init must be 'empty' or 'zeros', got {init!r}")
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.rank = min(rank, in_features, out_features)
+        dtype = dtype or torch.get_default_dtype()
+        self.base = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.delta_out = nn.Parameter(torch.empty(num_experts, out_features, self.rank, dtype=dtype, device=device))
+        self.delta_in = nn.Parameter(torch.empty(num_experts, self.rank, in_features, dtype=dtype, device=device))
+        if init == "zeros" and not self.base.is_meta:
+            with torch.no_grad():
+                self.base.zero_()
+                self.delta_out.zero_()
+                noise = torch.randn(self.delta_in.shape, generator=generator, dtype=torch.float32, device="cpu")
+                self.delta_in.copy_(noise / math.sqrt(in_features))
+        #: expert matmul implementation, see :func:`grouped_linear`
+        self.grouped_impl = "auto"
+
+    @torch.no_grad()
+    def load_matrix(self, W: torch.Tensor) -> None:
+        """Every expert := ``W`` ``(out, in)``: ``base = W``, ``delta_out = 0`` (``delta_in`` kept)."""
+        self.base.copy_(W.to(self.base.dtype))
+        self.delta_out.zero_()
+
+    @torch.no_grad()
+    def fit_matrices(self, targets: torch.Tensor, calibration=None, **options):
+        """Set ``base`` and the deltas to :func:`~tnmoe.networks.fit_base_delta`'s fit of
+        ``targets`` ``(E, out, in)`` (``calibration``: ``None`` for data-blind, one, or a list of
+        E; ``options``: ``sweeps``, ``tol``, ``damping``, ``progress``). Returns its FitReport."""
+        if targets.dim() != 3 or tuple(targets.shape) != (self.num_experts, self.out_features, self.in_features):
+            raise ValueError(f"targets must be ({self.num_experts}, {self.out_features}, {self.in_features}), got "
+                             f"shape {tuple(targets.shape)}")
+        B, U, V, report = fit_base_delta(list(targets), self.rank, calibration=calibration, **options)
+        self.base.copy_(B)
+        self.delta_out.copy_(U)
+        self.delta_in.copy_(V)
+        return report
+
+    def weights(self, experts: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        U, V = self.delta_out, self.delta_in
+        if experts is not None:
+            idx = torch.as_tensor(experts, dtype=torch.long, device=U.device)
+            U, V = U.index_select(0, idx), V.index_select(0, idx)
+        return self.base + torch.bmm(U, V)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        counts = _check_grouped(x, counts, self.num_experts)
+        y = torch.nn.functional.linear(x, self.base)
+        h = grouped_linear(x, self.delta_in, counts, self.grouped_impl)  # (A, rank)
+        return y + grouped_linear(h, self.delta_out, counts, self.grouped_impl)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.base]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [self.delta_out, self.delta_in]
+
+    def num_shared_params(self) -> int:
+        return self.out_features * self.in_features
+
+    def num_params_per_expert(self) -> int:
+        return self.rank * (self.out_features + self.in_features)
+
+    def num_params(self) -> int:
+        return base_delta_params(self.num_experts, self.out_features, self.in_features, self.rank)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, out={self.out_features}, in={self.in_features}, rank={self.rank}"

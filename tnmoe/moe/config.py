@@ -13,7 +13,7 @@ __all__ = ["MoEConfig"]
 
 _ROUTERS = ("switch", "topk", "hash")
 _LEARNED = ("switch", "topk")
-_EXPERTS = ("mpo", "dense")
+_EXPERTS = ("mpo", "dense", "base_delta")
 DEFAULT_NUM_EXPERTS, DEFAULT_TOP_K = 8, 1
 #: fields that configure tnmoe's own router (and its losses / capacity)
 ROUTER_FIELDS = ("router", "capacity_factor", "eval_capacity_factor", "drop_tokens", "ignore_padding",
@@ -56,7 +56,9 @@ class MoEConfig:
         top_k: experts per token (``switch`` and ``hash`` use 1). ``None`` (default): the model's
             when converting an MoE model's experts, else 1.
         router: ``"switch"`` (top-1, capacity), ``"topk"`` (softmax top-k, optional noise) or ``"hash"``.
-        expert_type: ``"mpo"`` (factorized experts) or ``"dense"`` (plain copies: +MoE/+Switch).
+        expert_type: ``"mpo"`` (factorized experts), ``"dense"`` (plain copies: +MoE/+Switch) or
+            ``"base_delta"`` (:class:`~tnmoe.moe.BaseDeltaExpertBank`: one shared base matrix plus a
+            rank-``max_bond`` delta per expert, D²-MoE's structure; ``max_bond=None``: full rank).
         share: which MPO cores all experts share: ``"central"`` (MPOE), ``"auxiliary"``,
             ``"all"``, ``"none"``, or a list of core indices.
         m: local tensors per MPO when a dimension has no entry in ``factors``.
@@ -258,6 +260,10 @@ class MoEConfig:
                                             or not self.cache_weights):
             ineffective.append("max_bond / target_ratio / bond_dims / factors / share / cache_weights=False (MPO "
                                "experts only; expert_type='dense')")
+        if self.expert_type == "base_delta" and (self.factors or self.share != "central" or self.bond_dims
+                                                 or not self.cache_weights):
+            ineffective.append("bond_dims / factors / share / cache_weights=False (MPO experts only; "
+                               "expert_type='base_delta' shares its base and takes max_bond as the deltas' rank)")
         if ineffective:
             raise ValueError(f"options with no effect for router={self.router!r}, expert_type={self.expert_type!r}: "
                              + "; ".join(ineffective) + ". Remove them or pick the router/expert type they belong to.")

@@ -16,6 +16,7 @@ from .bank import (
     set_weight_cache_budget,
     set_weight_cache_validation,
 )
+from .base_delta import base_delta_params, fit_base_delta
 from .blocked import matmul_permute
 from .cache import (
     DerivedTensorCache,
@@ -70,6 +71,8 @@ __all__ = [
     "reconstruct_equation",
     "matmul_permute",
     "fit_mpo_bank",
+    "fit_base_delta",
+    "base_delta_params",
     "allocate_bonds",
     "InputCovariance",
     "FitReport",
