@@ -44,7 +44,8 @@ def mixtral() -> nn.Module:
 
 
 def expert_bytes(model: nn.Module) -> int:
-    """The experts' parameter bytes (each tensor once) plus every MPO bank's cached rebuilt weights."""
+    """The experts' parameter bytes (each tensor once) plus every MPO bank's cached rebuilt weights
+    (a base-plus-deltas bank keeps none: it never rebuilds its experts)."""
     params = {id(p): p for n, p in model.named_parameters() if ".experts." in n}
     total = sum(p.numel() * p.element_size() for p in params.values())
     for bank in model.modules():
@@ -58,6 +59,7 @@ CASES = {  # --cases names, label and config
              lambda: moe.MoEConfig(share="none", factors=moe.low_rank_factors(D, FF))),
     "shared-v": ("shared V (m=2, share [1])", lambda: moe.MoEConfig(share=[1], factors=moe.low_rank_factors(D, FF))),
     "mpo": ("MPO per expert (m=5, share none)", lambda: moe.MoEConfig(share="none", m=5)),
+    "base-delta": ("shared base + rank-r deltas", lambda: moe.MoEConfig(expert_type="base_delta")),
 }
 
 
