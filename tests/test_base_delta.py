@@ -155,6 +155,7 @@ def test_compress_to_base_plus_deltas_within_budget_and_round_trip(tmp_path):
     assert report.params_after <= 0.5 * report.params_before < report.params_after + per_rank
     bank = model.model.layers[0].mlp.experts.experts.up
     assert isinstance(bank, moe.BaseDeltaExpertBank) and bank.rank == rank
+    assert f"shared base + rank-{rank} deltas" in str(report)
     counted = moe.count_parameters(model)
     assert report.params_after == counted.shared + E * counted.per_expert
     for layer in report.layers:  # the fit's joint objective never rises

@@ -128,9 +128,10 @@ class CompressionReport:
         return {r.name: r.fallback_experts for r in self.layers if r.fallback_experts}
 
     def __str__(self) -> str:
+        structure = (f"shared base + rank-{self.config.max_bond} deltas" if self.config.expert_type == "base_delta"
+                     else f"max_bond={self.config.max_bond}, share={self.config.share!r}")
         lines = [f"compressed {len(self.layers)} experts modules: {self.params_before:,} -> {self.params_after:,} "
-                 f"expert parameters ({self.ratio:.3f}), max_bond={self.config.max_bond}, share={self.config.share!r}, "
-                 f"{self.calibration_tokens:,} calibration tokens",
+                 f"expert parameters ({self.ratio:.3f}), {structure}, {self.calibration_tokens:,} calibration tokens",
                  f"{'layer':40s} {'params':>10s} {'ratio':>6s}  bonds (up)        mean / max output error by role"]
         for r in self.layers:
             errs = "  ".join(f"{role} {sum(v) / len(v):.4f}/{max(v):.4f}" for role, v in r.output_error.items())
