@@ -187,12 +187,18 @@ def main(argv: list[str] | None = None) -> dict:
             model = AutoModelForCausalLM.from_pretrained(args.model)
         except (OSError, ValueError) as err:
             raise RecipeError(f"cannot load model {args.model!r}: {err}") from None
-    model, mask = prepare_model(model, args)
+    train_blocks = blocks_of(tok, texts["train"], args.block_size, args.max_train_blocks)
+    test_blocks = blocks_of(tok, texts["test"], args.block_size, args.max_test_blocks)
+
+    def calibration(n: int) -> list[dict]:
+        """Batches of 16 of the first ``n`` training blocks (``--conversion data-aware`` / ``whitened-svd``)."""
+        blocks = train_blocks[:n]
+        return [{"input_ids": blocks[i:i + 16]} for i in range(0, len(blocks), 16)]
+
+    model, mask = prepare_model(model, args, calibration)
     moe_cfg = moe.get_moe_config(model)
     if not args.quiet:
         moe.print_trainable_parameters(model)
-    train_blocks = blocks_of(tok, texts["train"], args.block_size, args.max_train_blocks)
-    test_blocks = blocks_of(tok, texts["test"], args.block_size, args.max_test_blocks)
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):

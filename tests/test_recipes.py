@@ -872,6 +872,15 @@ def test_glue_recipe_data_aware_conversion(tiny_dirs, tmp_path):
     assert "moe_config" in t and t["moe_config"] is None  # a dense model
 
 
+def test_gpt2_recipe_data_aware_conversion(tmp_path):
+    """The LM recipe calibrates --conversion data-aware on its first training blocks: the output
+    error at conversion is recorded next to TT-SVD's at the same bonds, and is no higher."""
+    r = mpoe_gpt2.main(_gpt2_args(tmp_path / "run", "--variant", "mpoe", "--max-bond", "2", "--conversion",
+                                  "data-aware", "--calibration-samples", "4"))
+    out = r["conversion_output_error"]
+    assert out["matrices"] == 2 * LAYERS and out["mean"] <= out["tt_svd_mean"] * (1 + 1e-9)
+
+
 def test_glue_recipe_gradient_accumulation(tiny_dirs, tmp_path):
     """--gradient-accumulation-steps: fewer optimizer steps (the mask counts them), same rows."""
     r = glue.main(_glue_args(tiny_dirs / "bert", tmp_path / "run", "--task", "mrpc", "--variant", "mpoe",
