@@ -7,6 +7,7 @@
 #   bash results/run_evidence.sh factorization  # m x bond caps on the LM and on STS-B (after glue, gpt2)
 #   (factorization-lm / factorization-stsb: one half of it)
 #   bash results/run_evidence.sh conversion-stsb  # data-aware conversion at caps 64/16 (after factorization-stsb)
+#   bash results/run_evidence.sh conversion-lm    # the same on the LM, m = 5, 3 seeds (after factorization-lm)
 # WORKERS (default 2) processes of THREADS (default 1) threads share each study's runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -142,6 +143,20 @@ case "${1:-all}" in
     # the summary over every point, both conversions (missing runs are skipped)
     conv --ms 3,5,7,9 --max-bonds lossless,256,64,16 --conversions tt-svd,data-aware --core-seeds 1,2,3 \
       --truncated whitened-svd,data-aware,tt-svd --truncated-seeds 1 --existing-only
+    $PY results/make_tables.py
+    ;;
+  conversion-lm)
+    # issue 24 on the LM: the m = 5 truncated points with data-aware conversion (the fit to the FFN
+    # inputs of the first 640 training blocks), 3 seeds, next to factorization-lm's TT-SVD rows
+    W2="$DATA/wikitext-2"
+    gpt2_base
+    LM=(--model results/gpt2_wikitext2/base/model --train-file "$W2/valid.txt" --test-file "$W2/test.txt"
+        --epochs 1 --lr 3e-4 --batch-size 16 --num-generate 64 --threads "${THREADS:-1}" --quiet)
+    lm_conv() { "$PY" recipes/factorization_study.py --recipe gpt2 --baseline dense --seeds 42 \
+                  --output-dir results/gpt2_wikitext2 "$@" -- "${LM[@]}"; }
+    workers lm_conv --ms 5 --max-bonds 64,16 --conversions data-aware --core-seeds 42,43,44
+    lm_conv --ms 3,5,7,9 --max-bonds lossless,256,64,16 --conversions tt-svd,data-aware --core-seeds 42,43,44 \
+      --existing-only
     $PY results/make_tables.py
     ;;
 esac
