@@ -191,14 +191,18 @@ def _read_spec(model: nn.Module, target: _Target) -> ExpertsSpec:
     return _spec_of_experts(target.module, target.holder.router.top_k, "indices")
 
 
+def _cache_weights(config: MoEConfig) -> bool:
+    """What compressed experts record as ``cache_weights``: ``False`` (memory-bounded inference)
+    for MPO banks, whose rebuilt-weight cache would hold the uncompressed experts; base-plus-delta
+    banks never rebuild their experts' matrices (the field has no effect there)."""
+    return config.expert_type != "mpo"
+
+
 def _expert_fields(config: MoEConfig) -> dict:
     """The fields of ``config`` that shape the compressed experts (a converted model's recorded
     config keeps its other fields); per-matrix bond choices of an earlier conversion are dropped."""
     out = {"expert_type": config.expert_type, "share": config.share, "m": config.m, "factors": config.factors,
-           "max_bond": config.max_bond, "init_noise": 0.0,
-           # memory-bounded inference: a rebuilt-weight cache would hold the uncompressed experts
-           # (base-plus-delta banks never rebuild their experts' matrices)
-           "cache_weights": config.expert_type != "mpo"}
+           "max_bond": config.max_bond, "init_noise": 0.0, "cache_weights": _cache_weights(config)}
     names = {f.name for f in dataclasses.fields(MoEConfig)}
     out.update({k: None for k in ("target_ratio", "bond_dims") if k in names})
     return out
@@ -238,7 +242,7 @@ def _find_targets(model: nn.Module, config: MoEConfig) -> list[_Target]:
     if len(routed) != len(found):
         raise ValueError(f"target_modules selects dense FFNs {[n for n, m in found if (n, m) not in routed][:3]}; "
                          "compress replaces routed experts only")
-    recorded = dataclasses.replace(config, cache_weights=config.expert_type != "mpo")  # see _expert_fields
+    recorded = dataclasses.replace(config, cache_weights=_cache_weights(config))
     return [_Target(n, m, "hf", recorded) for n, m in routed]
 
 

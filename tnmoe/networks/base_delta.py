@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .decompose import check_finite
-from .fit import FitReport, InputCovariance, MatrixFitReport, _damp, _sqrt_psd, as_covariance, output_error
+from .fit import (FitReport, InputCovariance, MatrixFitReport, _damped_calibrations, _sqrt_psd, _target_matrices,
+                  output_error)
 
 __all__ = ["fit_base_delta", "base_delta_params"]
 
@@ -79,33 +79,18 @@ def fit_base_delta(
         the report's ``objective`` is ``f`` after the start and after each sweep.
     """
     t0 = time.perf_counter()
-    Ws = list(targets) if not (isinstance(targets, torch.Tensor) and targets.dim() == 2) else [targets]
-    if not Ws:
-        raise ValueError("no target matrices")
+    Ws = _target_matrices(targets)
     out_dim, in_dim = Ws[0].shape
-    for W in Ws:
-        if W.dim() != 2 or tuple(W.shape) != (out_dim, in_dim):
-            raise ValueError(f"every target must be a matrix of shape {(out_dim, in_dim)}, got {tuple(W.shape)}")
-        check_finite(W, "a target matrix")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive integer (the deltas' rank), got {rank!r}")
     E = len(Ws)
     r = min(rank, out_dim, in_dim)
     device = Ws[0].device
     Ws = [W.detach().to(torch.float64) for W in Ws]
-    if calibration is None:
-        eye = InputCovariance.from_matrix(torch.eye(in_dim, dtype=torch.float64, device=device))
-        calib = [eye] * E
-    else:
-        calib = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * E
-    if len(calib) != E:
-        raise ValueError(f"got {len(calib)} calibrations for {E} matrices: give one, or one per matrix")
-    damped_by_id: dict[int, object] = {}
-    stats = []
-    for c in calib:
-        if id(c) not in damped_by_id:
-            damped_by_id[id(c)] = _damp(as_covariance(c, in_dim), damping)
-        stats.append(damped_by_id[id(c)])
+    data_blind = calibration is None
+    if data_blind:
+        calibration = InputCovariance.from_matrix(torch.eye(in_dim, dtype=torch.float64, device=device))
+    stats = _damped_calibrations(calibration, E, in_dim, damping)
     Cs = [s.covariance.to(device) for s in stats]
     roots = {}
     for s in stats:
@@ -154,7 +139,7 @@ def fit_base_delta(
             weight_error=float((Ws[e] - W_hat).norm()) / norm, output_error=output_error(Ws[e], W_hat, Cs[e]),
             tt_svd_weight_error=None, tt_svd_output_error=None, calibration_rank=stats[e].rank,
             calibration_samples=stats[e].count, damping=stats[e].damping))
-    report = FitReport(reports, start="weighted mean + whitened-svd deltas" if calibration is not None
-                       else "mean + svd deltas", objective=history, seconds=time.perf_counter() - t0,
+    report = FitReport(reports, start="mean + svd deltas" if data_blind
+                       else "weighted mean + whitened-svd deltas", objective=history, seconds=time.perf_counter() - t0,
                        bond_dims=[1, r, 1])
     return B, torch.stack(Us), torch.stack(Vs), report

@@ -167,6 +167,33 @@ def _damp(cov: InputCovariance, damping: float) -> _Damped:
     return _Damped(C, rank, added, cov.count)
 
 
+def _target_matrices(targets) -> list[torch.Tensor]:
+    """``targets`` ``(E, out, in)``, a list of ``(out, in)`` or one ``(out, in)`` as a checked,
+    non-empty list of equal-shape finite matrices."""
+    Ws = [targets] if isinstance(targets, torch.Tensor) and targets.dim() == 2 else list(targets)
+    if not Ws:
+        raise ValueError("no target matrices")
+    out_dim, in_dim = Ws[0].shape
+    for W in Ws:
+        if W.dim() != 2 or tuple(W.shape) != (out_dim, in_dim):
+            raise ValueError(f"every target must be a matrix of shape {(out_dim, in_dim)}, got {tuple(W.shape)}")
+        check_finite(W, "a target matrix")
+    return Ws
+
+
+def _damped_calibrations(calibration, num_matrices: int, in_features: int, damping: float) -> list[_Damped]:
+    """One damped second moment per matrix from one calibration for all or a list of one per
+    matrix; a calibration given for several matrices is damped once (the same object)."""
+    calib = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * num_matrices
+    if len(calib) != num_matrices:
+        raise ValueError(f"got {len(calib)} calibrations for {num_matrices} matrices: give one, or one per matrix")
+    by_id: dict[int, _Damped] = {}
+    for c in calib:
+        if id(c) not in by_id:
+            by_id[id(c)] = _damp(as_covariance(c, in_features), damping)
+    return [by_id[id(c)] for c in calib]
+
+
 # -- reports ------------------------------------------------------------------------------------
 @dataclass
 class MatrixFitReport:
@@ -474,15 +501,9 @@ def fit_mpo_bank(
         ``(E, r, o_k, i_k, r')`` for the others; and a :class:`FitReport`.
     """
     t0 = time.perf_counter()
-    Ws = [targets] if isinstance(targets, torch.Tensor) and targets.dim() == 2 else list(targets)
-    if not Ws:
-        raise ValueError("no target matrices")
+    Ws = _target_matrices(targets)
     E = len(Ws)
     out_dim, in_dim = Ws[0].shape
-    for W in Ws:
-        if W.dim() != 2 or tuple(W.shape) != (out_dim, in_dim):
-            raise ValueError(f"every target must be a matrix of shape {(out_dim, in_dim)}, got {tuple(W.shape)}")
-        check_finite(W, "a target matrix")
     in_factors = check_factors(in_dim, in_factors, "input (column) dimension")
     out_factors = check_factors(out_dim, out_factors, "output (row) dimension")
     if len(in_factors) != len(out_factors):
@@ -494,15 +515,7 @@ def fit_mpo_bank(
     shared = sorted({int(k) % m for k in shared})
     device = Ws[0].device
     Ws = [W.detach().to(torch.float64) for W in Ws]
-    calib = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * E
-    if len(calib) != E:
-        raise ValueError(f"got {len(calib)} calibrations for {E} matrices: give one, or one per matrix")
-    stats_by_id: dict[int, _Damped] = {}
-    stats = []
-    for c in calib:
-        if id(c) not in stats_by_id:
-            stats_by_id[id(c)] = _damp(as_covariance(c, in_dim), damping)
-        stats.append(stats_by_id[id(c)])
+    stats = _damped_calibrations(calibration, E, in_dim, damping)
     Cs = [s.covariance.to(device) for s in stats]
 
     # starts: per matrix when nothing is shared, else one start (of the mean target) for all
