@@ -126,6 +126,93 @@ def test_frozen_cache_from_inference_mode_serves_autograd_later():
     torch.testing.assert_close(x.grad, naive_matrix(list(layer.cores)).sum(0).expand(5, 24), **TOL32)
 
 
+# --- the decode fast path: MPOLinear serves a proven cached weight with one F.linear ----------------
+def _fast_path_calls(monkeypatch, layer) -> list:
+    """Records each slow-path forward (the fast path returns before _shape_plan, which only the
+    slow path calls)."""
+    calls = []
+    plan = type(layer)._shape_plan
+    monkeypatch.setattr(type(layer), "_shape_plan", lambda self, cores: calls.append(1) or plan(self, cores))
+    return calls
+
+
+STATE_CHANGES = {
+    # each: (change the layer or the context, expect the slow path on the next call)
+    "none": lambda layer: None,
+    "bias_replaced": lambda layer: setattr(layer, "bias", nn.Parameter(torch.randn(12))),
+    "bias_edited": lambda layer: layer.bias.data.add_(1.0),
+    "cache_weights_off": lambda layer: setattr(layer, "cache_weights", False),
+    "mode_stream": lambda layer: setattr(layer, "mode", "stream"),
+    "core_edited": lambda layer: layer.cores[0].mul_(-1.0),
+    # same storage address and shape (o_0 = i_0 = 2), other strides: only the rebind count sees it
+    "core_view_rebound": lambda layer: setattr(layer.cores[0], "data", layer.cores[0].data.transpose(1, 2)),
+    "cache_cleared": lambda layer: clear_weight_caches(layer),
+    "validation_digest": lambda layer: set_weight_cache_validation(layer, "digest"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(STATE_CHANGES))
+def test_decode_fast_path_serves_the_slow_paths_value_or_steps_aside(change, monkeypatch):
+    layer = MPOLinear(in_features=24, out_features=12, in_factors=[2, 3, 4], out_factors=[2, 3, 2]).eval()
+    layer.bias.data.normal_()
+    x = torch.randn(1, 24)
+    calls = _fast_path_calls(monkeypatch, layer)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert len(calls) == 1  # the second call took the fast path
+        STATE_CHANGES[change](layer)
+        y = layer(x)
+        again = layer(x)
+    torch.testing.assert_close(y, reference(layer, x), **TOL32)
+    torch.testing.assert_close(again, y, rtol=0, atol=0)
+    bias_only = change in ("none", "bias_replaced", "bias_edited")  # the bias is read live
+    assert len(calls) == (1 if bias_only else 2 if change in ("core_edited", "core_view_rebound", "cache_cleared")
+                          else 3)
+
+
+def test_decode_fast_path_is_not_taken_in_training_with_grad_autocast_or_another_dtype(monkeypatch):
+    layer = MPOLinear(in_features=24, out_features=12, in_factors=[2, 3, 4], out_factors=[2, 3, 2]).eval()
+    x = torch.randn(1, 24)
+    calls = _fast_path_calls(monkeypatch, layer)
+    with torch.no_grad():
+        layer(x)
+    y = layer(x)  # grad enabled: the output must reach the cores
+    assert y.requires_grad and len(calls) == 2
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = layer(x)  # the cached float32 weight must not be served as the autocast result
+    assert yb.dtype == torch.bfloat16 and len(calls) == 3
+    with torch.no_grad():
+        y32 = layer(x)  # the float32 weight again, by the fast path (a bfloat16 one never becomes it)
+        assert y32.dtype == torch.float32 and len(calls) == 3
+        torch.testing.assert_close(y32, reference(layer, x), **TOL32)
+        with pytest.raises(ValueError, match="input dtype"):
+            layer(x.double())
+        layer.train()
+        layer(x)
+    assert len(calls) == 5  # the wrong dtype and train mode took the slow path
+    with torch.no_grad():
+        layer.eval()(x)  # (train mode dropped the cache) rebuilt outside inference_mode
+    with torch.inference_mode():
+        layer(x)
+    assert len(calls) == 6  # a weight built outside inference_mode serves inside it
+
+
+def test_decode_fast_path_serves_an_inference_mode_weight_only_in_inference_mode(monkeypatch):
+    layer = MPOLinear(in_features=24, out_features=12, in_factors=[2, 3, 4], out_factors=[2, 3, 2]).eval()
+    layer.requires_grad_(False)
+    x = torch.randn(1, 24)
+    calls = _fast_path_calls(monkeypatch, layer)
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        y = layer(x)  # an inference tensor cannot be served outside inference_mode
+    assert not y.is_inference() and len(calls) == 2
+    torch.testing.assert_close(y, reference(layer, x), **TOL32)
+
+
 # --- frozen: every edit the value check used to catch is still caught (refused loudly) ----------------
 def _sgd_step(layer):
     for p in layer.parameters():

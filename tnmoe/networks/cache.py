@@ -32,6 +32,11 @@ Three ways to prove it (the contract, in one place; ``docs/inference.md`` says t
 
 The cache holds a reference to its sources' storages (no copy) so that a freed storage's
 address cannot be reused by a new tensor that would then look identical to the key.
+
+A caller's fast path (``MPOLinear`` at decode) may keep something derived from a tracked value
+with :meth:`DerivedTensorCache.serve` and reuse it while :func:`serving_key` (storage, version,
+counted writes) still matches; a ``p.data = t`` rebind that keeps the storage address but not
+the shape, strides or dtype counts as a write, so that key misses nothing the full key sees.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ import xxhash
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["DerivedTensorCache", "TrackedParameter", "inference_cache_allowed", "parameter_writes", "track_parameters",
+__all__ = ["DerivedTensorCache", "TrackedParameter", "inference_cache_allowed", "parameter_writes", "serving_key",
+           "track_parameters",
            "WeightsChangedError", "tensor_digest"]
 
 VALIDATIONS = ("auto", "digest")
@@ -84,7 +90,10 @@ class TrackedParameter(nn.Parameter):
 
     @data.setter
     def data(self, value: torch.Tensor) -> None:
+        before = (self.data_ptr(), self.shape, self.stride(), self.dtype)
         _TENSOR_DATA.__set__(self, value)
+        if (self.data_ptr(), self.shape, self.stride(), self.dtype) != before:
+            _count_write(self)  # a rebind may keep the storage (a view of it): count it as a write
 
     def __getstate__(self) -> dict:
         # pickled without the write bookkeeping (so as a plain nn.Parameter when nothing else is set)
@@ -191,6 +200,17 @@ def tensor_digest(tensors: Sequence[torch.Tensor]) -> bytes:
 _Key = tuple
 
 
+def serving_key(sources: Sequence[torch.Tensor]) -> _Key:
+    """Storage, version counter and counted writes of each :class:`TrackedParameter` source: what
+    changes on every write PyTorch can count to one (a rebind through ``.data`` is counted, and
+    in-place view ops such as ``t_()`` bump the version), so equal keys prove tracked sources
+    unchanged. The lean key of :meth:`DerivedTensorCache.serving`."""
+    try:
+        return tuple((t.data_ptr(), t._version, parameter_writes(t)) for t in sources)
+    except RuntimeError:  # an inference tensor has no version counter: nothing proves it unchanged
+        return None
+
+
 def _make_key(sources: Sequence[torch.Tensor]) -> _Key:
     # get_device(): -1 on the CPU, the index elsewhere (t.device builds an object: twice the cost)
     try:
@@ -226,6 +246,7 @@ class DerivedTensorCache:
         self._held: list[torch.Tensor] = []  # aliases keeping the sources' storages alive
         self._value_digest: bytes | None = None  # digest of the sources the value was built from
         self._tracked = False  # the value's sources are tracked: the key alone proves them
+        self.serving = None  # (serving_key, payload) of the caller's fast path (see serve())
 
     # -- checked and frozen lookups ------------------------------------------------------------
     @property
@@ -254,6 +275,7 @@ class DerivedTensorCache:
         if mode not in VALIDATIONS:
             raise ValueError(f"validation must be one of {VALIDATIONS}, got {mode!r}")
         self._validation = mode
+        self.serving = None
 
     @property
     def tracked(self) -> bool:
@@ -287,6 +309,7 @@ class DerivedTensorCache:
             self.hits += 1
             return self._value
         snapshot = digest = None
+        self.serving = None  # a new value: a fast path's payload is derived from the old one
         tracked = self._validation == "auto" and _trackable(sources)
         with torch.no_grad():
             value = fn()
@@ -300,6 +323,17 @@ class DerivedTensorCache:
         self._value_digest, self._tracked = self._frozen_digest, tracked
         self.misses += 1
         return value
+
+    def serve(self, sources: Sequence[torch.Tensor], payload) -> None:
+        """Let a caller's fast path reuse ``payload`` (derived from the value :meth:`get` just
+        returned for ``sources``) while ``serving`` holds ``(serving_key(sources), payload)`` and
+        the key still matches: only for a tracked value (else nothing is kept), and dropped with
+        the value, by :meth:`clear`, :meth:`freeze`, :meth:`note_change` and a change of
+        ``validation``. Frozen, a key that no longer matches sends the caller to :meth:`get`,
+        which raises. The caller also re-checks each call what the key cannot see: no process
+        group (:func:`torch.distributed.is_initialized`) and no ``torch.compile`` trace."""
+        key = serving_key(sources) if self.tracked else None
+        self.serving = (key, payload) if key is not None else None
 
     def _changed_message(self, sources: Sequence[torch.Tensor], key: _Key) -> str:
         what = [self._noted] if self._noted is not None else []
@@ -323,6 +357,7 @@ class DerivedTensorCache:
         frozen period) and drops the snapshot."""
         if self.frozen:
             raise RuntimeError("this cache is already frozen")
+        self.serving = None  # frozen lookups go through get(), which checks what freezing promises
         key, digest = _make_key(sources), tensor_digest(sources)
         keep = self._servable(key) and (self._values_match(sources) or self._value_digest == digest)
         if not keep:
@@ -336,6 +371,7 @@ class DerivedTensorCache:
         optimizer step): frozen lookups refuse from now on, as for a visible change."""
         if self.frozen:
             self._noted = what
+        self.serving = None
 
     def unfreeze(self, sources: Sequence[torch.Tensor]) -> str | None:
         """End the frozen period; returns ``None`` when ``sources`` are unchanged since

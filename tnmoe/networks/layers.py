@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .bank import MPOBank, check_input_dtype
+from .cache import _distributed, serving_key
 from .contraction import ContractionEngine, ContractionPlan
 from .factorize import factorize
 from .mpo import MPO
@@ -171,6 +172,16 @@ class MPOLinear(MPOBank):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        serving = self.weight_cache.serving  # the decode fast path: set by the path below
+        if (serving is not None and not self.training and not torch.is_grad_enabled() and not _distributed()
+                and not torch.compiler.is_compiling()):
+            key, (W, in_features, min_tokens, mode, device_type, inference) = serving
+            if (x.shape[-1] == in_features and x.dtype == W.dtype and x.numel() >= min_tokens * in_features
+                    and self.mode == mode and self.cache_weights and not torch.is_autocast_enabled(device_type)
+                    and (not inference or torch.is_inference_mode_enabled())
+                    and serving_key(self.core_tensors()) == key):  # every countable write changes it
+                self.weight_cache.hits += 1
+                return nn.functional.linear(x, W, self._parameters.get("bias"))
         cores = self.core_tensors()  # once per call: a forward at a few tokens is Python-bound
         if torch.compiler.is_compiling():  # traced once: no memo state in the graph
             shapes = self.core_shapes
@@ -198,6 +209,10 @@ class MPOLinear(MPOBank):
                 y = y + bias.to(y.dtype)
         else:
             W = (self._cached_weights(cores) if use_cache else self.weights())[0]
+            if use_cache and W.dtype == cores[0].dtype and not torch.compiler.is_compiling():
+                # served by the fast path above while the cores' key holds (not W cast for autocast)
+                self.weight_cache.serve(cores, (W, in_features, 0 if self.mode == "reconstruct" else thresholds[True],
+                                                self.mode, cores[0].device.type, W.is_inference()))
             y = nn.functional.linear(x2, W, bias)
         return y.reshape(*lead, y.shape[-1])
 
