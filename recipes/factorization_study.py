@@ -40,7 +40,7 @@ def point_label(row: dict) -> str:
     label = f"{row['m']}/{row['max_bond']}"
     if row.get("variant") == "truncated":
         return f"trunc {label} {row.get('conversion')}"
-    return label + (" da" if row.get("conversion") == "data-aware" else "")
+    return label + {"data-aware": " da", "data-aware-sequential": " da-seq"}.get(row.get("conversion"), "")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -120,7 +120,8 @@ def conversion_output_error_summary(model: torch.nn.Module) -> dict | None:
     rows = [r for report in moe.fit_reports(model).values() for r in report.matrices[:1]]  # experts start alike
     if not rows:
         return None
-    errors = [r.output_error for r in rows]
+    # against the original outputs where the fit was sequential (ReferencedCovariance)
+    errors = [r.output_error if r.reference_output_error is None else r.reference_output_error for r in rows]
     tt = [r.tt_svd_output_error for r in rows if r.tt_svd_output_error is not None]
     out = {"mean": sum(errors) / len(errors), "max": max(errors), "matrices": len(errors)}
     if tt:

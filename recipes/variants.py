@@ -35,9 +35,18 @@ VARIANTS: dict[str, str] = {
                  "(--conversion: tt-svd, data-aware MPO, svd or whitened-svd at the MPO's parameter count)",
 }
 
-#: how truncated matrices are initialised (``--conversion``): the MPOE variants take the first two
-MPO_CONVERSIONS = ("tt-svd", "data-aware")
-CONVERSIONS = moe.TRUNCATION_METHODS
+#: how truncated matrices are initialised (``--conversion``): the MPOE variants take the MPO ones;
+#: ``-sequential``: fitted FFN by FFN to the original model's outputs from the inputs the FFNs
+#: before give once fitted (``sequential=True`` of ``moe.convert`` / ``moe.truncate_ffns``)
+MPO_CONVERSIONS = ("tt-svd", "data-aware", "data-aware-sequential")
+CONVERSIONS = (*moe.TRUNCATION_METHODS, "data-aware-sequential", "whitened-svd-sequential")
+
+
+def conversion_method(conversion: str) -> tuple[str, bool]:
+    """``(method, sequential)`` of a ``--conversion`` value: ``'data-aware-sequential'`` ->
+    ``('data-aware', True)``."""
+    base = conversion.removesuffix("-sequential")
+    return base, base != conversion
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,9 @@ def add_moe_args(ap: argparse.ArgumentParser) -> None:
                    help="padding tokens take no expert capacity and do not count in the load-balancing loss")
     g.add_argument("--conversion", default=_DEFAULTS.conversion, choices=CONVERSIONS,
                    help="how truncated (--max-bond) matrices start: tt-svd (data-blind), data-aware (MPO fitted to "
-                        "the FFN inputs of --calibration-samples training examples); the truncated variant also "
-                        "takes svd / whitened-svd at the MPO's parameter count")
+                        "the FFN inputs of --calibration-samples training examples; data-aware-sequential: FFN by "
+                        "FFN, to the original model's outputs from the inputs the fitted FFNs before give); the "
+                        "truncated variant also takes svd / whitened-svd(-sequential) at the MPO's parameter count")
     g.add_argument("--calibration-samples", type=int, default=_DEFAULTS.calibration_samples,
                    help="training examples whose FFN inputs calibrate --conversion data-aware / whitened-svd")
 
@@ -210,7 +220,8 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace,
         return model, None
     options = options_from_args(args)
     batches = None
-    if options.conversion in ("data-aware", "whitened-svd"):
+    method, sequential = conversion_method(options.conversion)
+    if method in ("data-aware", "whitened-svd"):
         if calibration is None:
             raise RecipeError(f"--conversion {options.conversion} needs calibration data, which this recipe does not provide")
         batches = calibration(options.calibration_samples)
@@ -218,9 +229,10 @@ def prepare_model(model: torch.nn.Module, args: argparse.Namespace,
     try:
         if args.variant == "truncated":
             model.truncation = [r.to_dict() for r in moe.truncate_ffns(
-                model, cfg, method=options.conversion, calibration=batches, progress=not getattr(args, "quiet", False))]
+                model, cfg, method=method, calibration=batches, progress=not getattr(args, "quiet", False),
+                sequential=sequential)]
             return model, None
-        moe.convert(model, cfg, calibration=batches, progress=not getattr(args, "quiet", False))
+        moe.convert(model, cfg, calibration=batches, progress=not getattr(args, "quiet", False), sequential=sequential)
     except ValueError as err:
         raise RecipeError(f"cannot convert {type(model).__name__}: {err}") from None
     mask = moe.GradientMask(model, p_b=p_b, seed=getattr(args, "seed", 0)) if p_b > 0 else None

@@ -7,6 +7,7 @@
 #   bash results/run_evidence.sh factorization  # m x bond caps on the LM and on STS-B (after glue, gpt2)
 #   (factorization-lm / factorization-stsb: one half of it)
 #   bash results/run_evidence.sh conversion-stsb  # data-aware conversion at caps 64/16 (after factorization-stsb)
+#   bash results/run_evidence.sh conversion-stsb-sequential  # the sequential calibration points only
 #   bash results/run_evidence.sh conversion-lm    # the same on the LM, m = 5, 3 seeds (after factorization-lm)
 # WORKERS (default 2) processes of THREADS (default 1) threads share each study's runs.
 set -euo pipefail
@@ -140,9 +141,22 @@ case "${1:-all}" in
     workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3
     workers conv --ms 3,7,9 --max-bonds 64,16 --conversions data-aware --core-seeds 1
     workers conv --ms 5 --max-bonds 16 --conversions data-aware --core-seeds 1,2,3 --truncated whitened-svd,data-aware,tt-svd --truncated-seeds 1
-    # the summary over every point, both conversions (missing runs are skipped)
-    conv --ms 3,5,7,9 --max-bonds lossless,256,64,16 --conversions tt-svd,data-aware --core-seeds 1,2,3 \
-      --truncated whitened-svd,data-aware,tt-svd --truncated-seeds 1 --existing-only
+    ;&
+  conversion-stsb-sequential)
+    # sequential calibration: each FFN fitted to the original model's outputs from the inputs the
+    # FFNs before it give once fitted (conversion *-sequential), m = 5 at cap 64
+    G=results/glue_minilm
+    LR_MPOE=$($PY -c "import json; print(json.load(open('$G/sweep/chosen.json'))['lr']['mpoe'])")
+    GL=(--data-dir "$DATA/glue" --batch-size 32 --max-length 128 --epochs 1 --capacity-factor none
+        --threads "${THREADS:-1}" --quiet --lr "$LR_MPOE")
+    conv() { "$PY" recipes/factorization_study.py --recipe bert --task stsb --baseline dense --seeds 1 \
+               --output-dir $G/factorization_stsb "$@" -- "${GL[@]}"; }
+    workers conv --ms 5 --max-bonds 64 --conversions data-aware-sequential --core-seeds 1,2,3 \
+      --truncated whitened-svd-sequential,data-aware-sequential --truncated-seeds 1
+    # the summary over every point and conversion (missing runs are skipped)
+    conv --ms 3,5,7,9 --max-bonds lossless,256,64,16 --conversions tt-svd,data-aware,data-aware-sequential \
+      --core-seeds 1,2,3 --truncated whitened-svd,data-aware,tt-svd,whitened-svd-sequential,data-aware-sequential \
+      --truncated-seeds 1 --existing-only
     $PY results/make_tables.py
     ;;
   conversion-lm)

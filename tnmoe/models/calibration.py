@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..networks.fit import InputCovariance
+from ..networks.fit import InputCovariance, ReferencedCovariance
 from .adapters import get_adapter
 
-__all__ = ["collect_ffn_covariances"]
+__all__ = ["FFN_STAGES", "collect_ffn_covariances", "collect_referenced_covariances", "substitute_matrices"]
 
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
@@ -78,6 +78,18 @@ def _mask_index(model: nn.Module, name: str) -> int:
     return 1 if encoder_decoder and "decoder" in name.split(".") else 0
 
 
+def _run(model: nn.Module, batch, masks: list, forward=None) -> None:
+    forward = forward or model
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != "token_weight"}
+        masks[0], masks[1] = batch.get("attention_mask"), batch.get("decoder_attention_mask")
+        masks[2] = batch.get("token_weight")
+        forward(**inputs)
+    else:
+        masks[0] = masks[1] = masks[2] = None
+        forward(batch)
+
+
 def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module]], batches: Iterable,
                             *, progress: bool = True) -> dict[str, dict[str, InputCovariance]]:
     """Run ``batches`` through ``model`` (eval mode, no grad; the mode is restored) and return,
@@ -109,14 +121,7 @@ def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module
         try:
             with torch.no_grad():
                 for batch in tqdm(batches, desc="calibrating", disable=not progress):
-                    if isinstance(batch, Mapping):
-                        inputs = {k: v for k, v in batch.items() if k != "token_weight"}
-                        masks[0], masks[1] = batch.get("attention_mask"), batch.get("decoder_attention_mask")
-                        masks[2] = batch.get("token_weight")
-                        model(**inputs)
-                    else:
-                        masks[0] = masks[1] = masks[2] = None
-                        model(batch)
+                    _run(model, batch, masks)
         finally:
             model.train(was_training)
     finally:
@@ -127,4 +132,103 @@ def collect_ffn_covariances(model: nn.Module, targets: list[tuple[str, nn.Module
             if acc.count == 0:
                 raise ValueError(f"calibration: no token reached the {role} matrix of {name!r}; pass batches "
                                  "that run through this layer")
+    return stats
+
+
+class _Pairing:
+    """Stands in for a :class:`ReferencedCovariance` in a :class:`_Recorder`: during the reference
+    pass it keeps each call's inputs, during the substituted pass it adds each call's inputs with
+    the kept ones of the same call (calls come in the same order in both passes)."""
+
+    def __init__(self, acc: ReferencedCovariance) -> None:
+        self.acc, self.kept, self.reference_pass = acc, [], True
+
+    def update(self, x: torch.Tensor, mask=None, weight=None) -> None:
+        if self.reference_pass:
+            self.kept.append(x)
+        else:
+            if not self.kept:
+                raise ValueError("calibration: the substituted model called an FFN matrix more often than the original")
+            self.acc.update(x, mask, weight, reference=self.kept.pop(0))
+
+
+def substitute_matrices(model: nn.Module, ffn: nn.Module, replacements: dict[str, torch.Tensor],
+                        existing: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``{qualified parameter name: tensor}`` that holds ``replacements`` (``{role: (out, in)}``
+    matrices) in place of the FFN's matrices, in each holder's own layout (a ``Conv1D``'s
+    transpose, a slice of a fused weight): the overrides for :func:`torch.func.functional_call`.
+    ``existing``: overrides made before, built on (a fused weight's other slice stays replaced)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    spec = get_adapter(ffn).extract(ffn)
+    out: dict[str, torch.Tensor] = {}
+    for role, matrix in spec.matrices().items():
+        if role not in replacements:
+            continue
+        holder = _holder(ffn, matrix)
+        if holder is None or id(holder.weight) not in names:
+            raise ValueError(f"calibration: the {role} matrix of {type(ffn).__name__} is not a parameter's weight "
+                             "that can be substituted; use sequential=False")
+        name = names[id(holder.weight)]
+        weight = out.get(name, (existing or {}).get(name, holder.weight.detach()))
+        new = weight.clone()
+        view = new.as_strided(matrix.shape, matrix.stride(),
+                              new.storage_offset() + matrix.storage_offset() - holder.weight.storage_offset())
+        view.copy_(replacements[role].to(new.dtype))
+        out[name] = new
+    return out
+
+
+#: the order in which sequential calibration fits an FFN's matrices: those that read the FFN's
+#: input first, then the output projection, whose inputs depend on their fits
+FFN_STAGES = (("up", "gate"), ("down",))
+
+
+def collect_referenced_covariances(model: nn.Module, name: str, ffn: nn.Module, batches: Iterable,
+                                   substitutes: dict[str, torch.Tensor], *, roles=None, progress: bool = True
+                                   ) -> dict[str, ReferencedCovariance]:
+    """Statistics to fit FFN ``name``'s matrices (``roles``, default all) to what the original
+    ``model`` computes, from the inputs they get once earlier matrices are replaced by
+    ``substitutes`` (``{qualified parameter name: tensor}``, see :func:`substitute_matrices`):
+    ``{role: ReferencedCovariance}``.
+
+    Each batch runs twice, as the model is and with the substitutes (``torch.func.functional_call``:
+    the model is not modified); padding and ``token_weight`` as in :func:`collect_ffn_covariances`.
+    """
+    spec = get_adapter(ffn).extract(ffn)
+    stats: dict[str, ReferencedCovariance] = {}
+    pairings, hooks, masks = [], [], [None, None, None]
+    try:
+        for role, matrix in spec.matrices().items():
+            if roles is not None and role not in roles:
+                continue
+            holder = _holder(ffn, matrix)
+            if holder is None:
+                raise ValueError(
+                    f"calibration: the {role} matrix of {name!r} ({type(ffn).__name__}) is not the weight of "
+                    "a linear submodule whose input could be hooked; convert this FFN kind without calibration")
+            stats[role] = ReferencedCovariance(matrix.shape[1])
+            pairing = _Pairing(stats[role])
+            pairings.append(pairing)
+            hooks.append(holder.register_forward_pre_hook(_Recorder(pairing, masks, _mask_index(model, name))))
+        was_training = model.training
+        model.eval()
+        substituted = lambda *a, **k: torch.func.functional_call(model, substitutes, a, k, strict=False)  # noqa: E731
+        try:
+            with torch.no_grad():
+                for batch in tqdm(batches, desc=f"calibrating {name}", disable=not progress):
+                    for p in pairings:
+                        p.reference_pass, p.kept = True, []
+                    _run(model, batch, masks)
+                    for p in pairings:
+                        p.reference_pass = False
+                    _run(model, batch, masks, substituted if substitutes else None)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    for role, acc in stats.items():
+        if acc.count == 0:
+            raise ValueError(f"calibration: no token reached the {role} matrix of {name!r}; pass batches "
+                             "that run through this layer")
     return stats

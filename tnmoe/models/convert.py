@@ -16,7 +16,7 @@ from ..networks import MPO, allocate_bonds
 from ..networks.decompose import check_finite
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from ..moe.config import MoEConfig
-from .calibration import collect_ffn_covariances
+from .calibration import FFN_STAGES, collect_ffn_covariances, collect_referenced_covariances, substitute_matrices
 from .hf_config import mark_hf_config
 from ..moe.banks import DenseExpertBank, MPOExpertBank
 from ..moe.experts import ExpertFFN
@@ -195,7 +195,8 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str
 
 
 def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
-            progress: bool = True, calibration=None, fit_options: dict | None = None) -> nn.Module:
+            progress: bool = True, calibration=None, fit_options: dict | None = None,
+            sequential: bool = False) -> nn.Module:
     """Replace the model's FFNs (``config.target_modules``) by MoE layers, in place.
 
     Each expert starts from the pretrained FFN (MPO-decomposed for ``expert_type="mpo"``);
@@ -213,6 +214,16 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     experts are fitted to the matrices' outputs instead of TT-SVD
     (:func:`tnmoe.networks.fit.fit_mpo_bank`, options in ``fit_options``); each bank's
     ``fit_report`` records the errors. Ignored, with a warning, where nothing is truncated.
+
+    ``sequential=True`` (with ``calibration``): the FFNs are fitted in order, each to the outputs
+    the *original* model's FFN computes, from the inputs it gets once the FFNs before it are
+    replaced by their fits (:class:`tnmoe.networks.ReferencedCovariance`), so later layers correct
+    the errors of earlier ones; within an FFN, the output projection is fitted from the inputs its
+    fitted up/gate matrices give (:data:`tnmoe.models.calibration.FFN_STAGES`, so those are
+    fitted twice: once to calibrate it, once in the layer built). Each FFN costs four passes over
+    the batches (kept in memory as a list), the model is not modified until every FFN is built,
+    and each earlier fit is held as a dense matrix (the experts' mean) while later ones are
+    calibrated.
 
     ``config.target_ratio`` (instead of ``max_bond``): every FFN matrix's bonds are chosen across
     all converted matrices so one MPO per matrix keeps that fraction of their dense parameters
@@ -234,10 +245,19 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
         modules = dict(model.named_modules())
         for name, _ in targets:
             _context_owner(modules, name, context_inputs)
-    covariances = _calibrate(model, targets, config, init, calibration, progress)
+    fitting = _calibration_used(targets, config, init, calibration)
+    if sequential and not fitting and calibration is not None:
+        sequential = False  # nothing is fitted (the warning said so)
+    if sequential and calibration is None:
+        raise ValueError("sequential=True fits each FFN to the original model's outputs: pass calibration= batches")
+    if sequential:
+        calibration = list(calibration)  # every FFN runs through them twice
+    covariances = _calibrate(model, targets, calibration, progress) \
+        if fitting and (not sequential or config.target_ratio is not None) else {}
     config = _resolve_budget(model, targets, config, init, covariances)
     gen = torch.Generator().manual_seed(config.seed)
     built = []
+    substitutes: dict[str, torch.Tensor] = {}  # sequential: the earlier FFNs' fitted matrices
     for i, (name, module) in enumerate(tqdm(targets, desc="converting FFNs to MoE", disable=not progress)):
         adapter = get_adapter(module)
         try:
@@ -251,8 +271,24 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
                 spec = adapter.extract(module)
                 if adapter.verify_by_probe and init == "pretrained":
                     verify_dense_extraction(name, module, spec)
+                stats = covariances.get(name)
+                if sequential:  # the input-side matrices first, then down from their fits' outputs
+                    stats = collect_referenced_covariances(model, name, module, calibration, substitutes,
+                                                           roles=FFN_STAGES[0], progress=False)
+                    state = gen.get_state()
+                    first = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i,
+                                            calibration=stats, fit_options=fit_options, name=name)
+                    inner = {r: w for r, w in _mean_expert_matrices(first).items() if r in FFN_STAGES[0]}
+                    stats.update(collect_referenced_covariances(
+                        model, name, module, calibration,
+                        {**substitutes, **substitute_matrices(model, module, inner, existing=substitutes)},
+                        roles=FFN_STAGES[1], progress=False))
+                    gen.set_state(state)  # the final build draws what a one-pass build draws
                 layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i,
-                                        calibration=covariances.get(name), fit_options=fit_options, name=name)
+                                        calibration=stats, fit_options=fit_options, name=name)
+                if sequential:
+                    substitutes.update(substitute_matrices(model, module, _mean_expert_matrices(layer),
+                                                           existing=substitutes))
         except ValueError as err:
             raise ValueError(f"cannot convert {name!r} (model left unchanged): {err}") from None
         layer.train(module.training)
@@ -317,18 +353,33 @@ def _resolve_budget(model: nn.Module, targets, config: MoEConfig, init: str, cov
     return dataclasses.replace(config, bond_dims=dict(zip(names, bonds)))
 
 
-def _calibrate(model: nn.Module, targets, config: MoEConfig, init: str, calibration, progress: bool) -> dict:
-    """Per target name, its matrices' input second moments (empty when nothing is fitted)."""
+def _calibration_used(targets, config: MoEConfig, init: str, calibration) -> bool:
+    """Whether ``calibration`` fits anything in this conversion (warns where it is ignored,
+    refuses routed-expert FFNs)."""
     if calibration is None:
-        return {}
+        return False
     if config.expert_type != "mpo" or not _truncates(config) or init != "pretrained":
         warnings.warn("calibration= ignored: it fits truncated MPO experts (expert_type='mpo', max_bond set, "
                       "init='pretrained'); this conversion is exact or loads no pretrained weights")
-        return {}
+        return False
     routed = [name for name, module in targets if get_adapter(module).routed_experts]
     if routed:
         raise ValueError(f"calibration= is not supported for routed-expert FFNs ({routed[:3]}); convert them "
                          "without calibration (model left unchanged)")
+    return True
+
+
+@torch.no_grad()
+def _mean_expert_matrices(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """``{role: (out, in)}``: the mean over experts of a built MoE layer's matrices (the fit, as the
+    experts start alike up to init noise), for sequential calibration of the layers after it."""
+    experts = layer.experts
+    return {role: getattr(experts, role).weights().mean(0) for role in ("up", "down", "gate")
+            if getattr(experts, role, None) is not None}
+
+
+def _calibrate(model: nn.Module, targets, calibration, progress: bool) -> dict:
+    """Per target name, its matrices' input second moments."""
     try:
         return collect_ffn_covariances(model, targets, calibration, progress=progress)
     except ValueError as err:

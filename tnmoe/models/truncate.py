@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from ..moe.config import MoEConfig
 from ..networks import MPO
-from ..networks.fit import output_error, whitened_svd
+from ..networks.fit import ReferencedCovariance, output_error, whitened_svd
 from .adapters import get_adapter
-from .calibration import _holder, collect_ffn_covariances
+from .calibration import (FFN_STAGES, _holder, collect_ffn_covariances, collect_referenced_covariances,
+                          substitute_matrices)
 from .convert import find_target_modules
 from .routed import matrix_factors
 
@@ -56,7 +57,8 @@ class TruncatedMatrix:
 
 
 def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd", calibration=None,
-                  fit_options: dict | None = None, progress: bool = True) -> list[TruncatedMatrix]:
+                  fit_options: dict | None = None, progress: bool = True,
+                  sequential: bool = False) -> list[TruncatedMatrix]:
     """Replace every FFN matrix ``config.target_modules`` selects by its truncation, in place.
 
     ``config`` gives the factorization (``m`` / ``factors``) and ``max_bond`` (required: it sets the
@@ -64,7 +66,9 @@ def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd"
     iterable of batches as for :func:`tnmoe.moe.convert` (required by ``data-aware`` and
     ``whitened-svd``; with the others it only adds ``output_error`` to the report). All matrices
     are computed before any is written, so on an error the model is unchanged. Returns one
-    :class:`TruncatedMatrix` per replaced matrix.
+    :class:`TruncatedMatrix` per replaced matrix. ``sequential=True``: each FFN is fitted to the
+    original model's outputs from the inputs the truncations before it give (as for
+    :func:`tnmoe.moe.convert`); ``output_error`` is then against the original outputs.
     """
     if method not in TRUNCATION_METHODS:
         raise ValueError(f"method must be one of {TRUNCATION_METHODS}, got {method!r}")
@@ -78,11 +82,26 @@ def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd"
     if routed:
         raise ValueError(f"truncate_ffns replaces dense FFN matrices; {routed[:3]} hold routed experts "
                          "(use tnmoe.moe.convert or compress for MoE models)")
-    covariances = collect_ffn_covariances(model, targets, calibration, progress=progress) if calibration else {}
+    if sequential and calibration is None:
+        raise ValueError("sequential=True fits each FFN to the original model's outputs: pass calibration= batches")
+    if sequential:
+        calibration = list(calibration)  # every FFN runs through them twice
+    covariances = collect_ffn_covariances(model, targets, calibration, progress=progress) \
+        if calibration and not sequential else {}
     planned = []
+    substitutes: dict[str, torch.Tensor] = {}  # sequential: the earlier FFNs' truncations
     for name, module in tqdm(targets, desc=f"truncating FFNs ({method})", disable=not progress):
         spec = get_adapter(module).extract(module)
-        for role, matrix in spec.matrices().items():
+        fitted = {}
+        matrices = spec.matrices()
+        order = [role for stage in FFN_STAGES for role in stage if role in matrices]
+        for role in order:
+            matrix = matrices[role]
+            if sequential and role not in covariances.get(name, {}):
+                # this role's stage: its inputs come after this FFN's earlier-stage fits too
+                stage = next(st for st in FFN_STAGES if role in st)
+                covariances.setdefault(name, {}).update(collect_referenced_covariances(
+                    model, name, module, calibration, substitutes, roles=stage, progress=False))
             if _holder(module, matrix) is None:
                 raise ValueError(f"{name}.{role} ({type(module).__name__}) is not held by a linear submodule's weight, "
                                  "so it cannot be replaced in place (model left unchanged)")
@@ -108,9 +127,13 @@ def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd"
                     u, s, vh = torch.linalg.svd(W, full_matrices=False)
                     W_hat = (u[:, :rank] * s[:rank]) @ vh[:rank]
             weight_error = float((W_hat - W).norm() / W.norm().clamp_min(1e-300))
-            out_err = output_error(W, W_hat, cov.covariance()) if cov is not None else None
+            out_err = None if cov is None else cov.reference_output_error(W, W_hat) \
+                if isinstance(cov, ReferencedCovariance) else output_error(W, W_hat, cov.covariance())
+            fitted[role] = W_hat
             planned.append((matrix, W_hat, TruncatedMatrix(name, role, (out_dim, in_dim), int(params),
                                                            out_dim * in_dim, rank, weight_error, out_err)))
+            if sequential:
+                substitutes.update(substitute_matrices(model, module, {role: W_hat}, existing=substitutes))
     with torch.no_grad():
         for matrix, W_hat, _ in planned:
             matrix.copy_(W_hat.to(matrix.dtype))  # the spec's matrix is a view of the module's weight

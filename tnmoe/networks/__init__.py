@@ -35,7 +35,7 @@ from .contraction import (
 )
 from .decompose import SVDTruncation, lossless_bond_dims, move_center, truncate_train, tt_svd
 from .factorize import check_factors, factorize
-from .fit import FitReport, InputCovariance, MatrixFitReport, allocate_bonds, fit_mpo_bank
+from .fit import FitReport, InputCovariance, MatrixFitReport, ReferencedCovariance, allocate_bonds, fit_mpo_bank
 from .interop import (
     contract_network,
     from_finite_mpo,
@@ -75,6 +75,7 @@ __all__ = [
     "base_delta_params",
     "allocate_bonds",
     "InputCovariance",
+    "ReferencedCovariance",
     "FitReport",
     "MatrixFitReport",
     "factorize",

@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .fit import (FitReport, InputCovariance, MatrixFitReport, _damped_calibrations, _sqrt_psd, _target_matrices,
+from .fit import (FitReport, InputCovariance, MatrixFitReport, _damped_calibrations, _effective_targets,
+                  _reference_errors, _sqrt_psd, _target_matrices,
                   output_error)
 
 __all__ = ["fit_base_delta", "base_delta_params"]
@@ -90,6 +91,8 @@ def fit_base_delta(
     data_blind = calibration is None
     if data_blind:
         calibration = InputCovariance.from_matrix(torch.eye(in_dim, dtype=torch.float64, device=device))
+    originals = Ws
+    Ws = [W.to(device) for W in _effective_targets(Ws, calibration, damping)]  # ReferencedCovariance
     stats = _damped_calibrations(calibration, E, in_dim, damping)
     Cs = [s.covariance.to(device) for s in stats]
     roots = {}
@@ -132,13 +135,14 @@ def fit_base_delta(
 
     Us, Vs = zip(*(_balanced(U, V) for U, V in zip(Us, Vs)))
     reports = []
-    for e in range(E):
-        W_hat = B + Us[e] @ Vs[e]
-        norm = float(Ws[e].norm()) or 1.0
+    W_hats = [B + Us[e] @ Vs[e] for e in range(E)]
+    for e, ref_error in enumerate(_reference_errors(originals, W_hats, calibration)):
+        norm = float(originals[e].norm()) or 1.0
         reports.append(MatrixFitReport(
-            weight_error=float((Ws[e] - W_hat).norm()) / norm, output_error=output_error(Ws[e], W_hat, Cs[e]),
-            tt_svd_weight_error=None, tt_svd_output_error=None, calibration_rank=stats[e].rank,
-            calibration_samples=stats[e].count, damping=stats[e].damping))
+            weight_error=float((originals[e] - W_hats[e]).norm()) / norm,
+            output_error=output_error(Ws[e], W_hats[e], Cs[e]), tt_svd_weight_error=None, tt_svd_output_error=None,
+            calibration_rank=stats[e].rank, calibration_samples=stats[e].count, damping=stats[e].damping,
+            reference_output_error=ref_error))
     report = FitReport(reports, start="mean + svd deltas" if data_blind
                        else "weighted mean + whitened-svd deltas", objective=history, seconds=time.perf_counter() - t0,
                        bond_dims=[1, r, 1])

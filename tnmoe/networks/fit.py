@@ -42,6 +42,7 @@ from .factorize import check_factors
 
 __all__ = [
     "InputCovariance",
+    "ReferencedCovariance",
     "MatrixFitReport",
     "FitReport",
     "fit_mpo_bank",
@@ -123,6 +124,91 @@ class InputCovariance:
 
     def __repr__(self) -> str:
         return f"InputCovariance(in_features={self.in_features}, count={self.count})"
+
+
+class ReferencedCovariance(InputCovariance):
+    """Statistics to fit a matrix to a *reference's* outputs from the inputs it will really get:
+    minimise ``E||W x - Ŵ x'||^2``, where ``x`` is what the matrix sees in the reference model
+    and ``x'`` what it sees once earlier layers are compressed (sequential calibration, which lets
+    each layer correct the errors of those before it). Streams, in float64,
+    ``C' = E[x' x'^T]`` (what :meth:`covariance` returns, as for :class:`InputCovariance`),
+    ``D = E[x x'^T]`` and ``E[x x^T]``.
+
+    The objective is ``||(W~ - Ŵ) L'||^2`` plus a constant, ``L' L'^T = C'``, with the effective
+    target ``W~ = W + W (D - C') (C' + λI)^{-1}`` (:meth:`effective_target`; ``λ`` the fits'
+    damping, relative to ``mean(diag C')``; ``W~ = W`` where ``x' = x``): every fit that takes an
+    :class:`InputCovariance` fits ``W~`` under ``C'`` when given one of these, and reports
+    :meth:`reference_output_error`, ``||W X - Ŵ X'|| / ||W X||``.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, device)
+        self.sum_cross = torch.zeros_like(self.sum_outer)  # sum_t w_t x_t x'_t^T
+        self.sum_reference = torch.zeros_like(self.sum_outer)  # sum_t w_t x_t x_t^T
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None, weight: torch.Tensor | None = None, *,
+               reference: torch.Tensor | None = None) -> None:
+        """Add rows of ``x`` ``(..., in)`` (the fitted model's inputs) with ``reference`` (the
+        reference model's inputs at the same positions, same shape); ``mask`` and ``weight`` as
+        for :meth:`InputCovariance.update`."""
+        if reference is None or tuple(reference.shape) != tuple(x.shape):
+            raise ValueError("a ReferencedCovariance needs reference= inputs of the inputs' shape "
+                             f"{tuple(x.shape)}, got {None if reference is None else tuple(reference.shape)}")
+        if mask is not None:
+            reference = reference[mask.to(torch.bool)]
+        super().update(x, mask, weight)  # checks x, mask and weight, adds x' x'^T
+        r = reference.reshape(-1, self.in_features).to(device=self.sum_outer.device, dtype=torch.float64)
+        if r.shape[0] == 0:
+            return
+        check_finite(r, "the reference calibration inputs")
+        xs = (x if mask is None else x[mask.to(torch.bool)]).reshape(-1, self.in_features).to(r)
+        if weight is not None:
+            w = (weight if mask is None else weight[mask.to(torch.bool)]).reshape(-1).to(r)
+            r_w = r * w[:, None]
+        else:
+            r_w = r
+        self.sum_cross.addmm_(r_w.T, xs)
+        self.sum_reference.addmm_(r_w.T, r)
+
+    def effective_target(self, W: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+        """``W~ = W + W (D - C') (C' + λI)^{-1}`` ``(out, in)`` float64 (class docstring)."""
+        C = self.covariance()
+        D = self.sum_cross / self.total_weight
+        scale = float(torch.diagonal(C).mean())
+        Cd = C + damping * (scale if scale > 0 else 1.0) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        W = W.to(device=C.device, dtype=torch.float64)
+        # (C'+λI) is symmetric: solve for the transpose of the correction
+        return W + torch.linalg.solve(Cd, (W @ (D - C)).T).T
+
+    def reference_output_error(self, W: torch.Tensor, W_hat: torch.Tensor) -> float:
+        """``||W X - Ŵ X'|| / ||W X||`` on the calibration rows (``X``: reference inputs)."""
+        W = W.to(device=self.sum_outer.device, dtype=torch.float64)
+        W_hat = W_hat.to(device=self.sum_outer.device, dtype=torch.float64)
+        n = self.total_weight
+        ref = torch.einsum("oi,ij,oj->", W, self.sum_reference / n, W)
+        num = ref - 2 * torch.einsum("oi,ij,oj->", W, self.sum_cross / n, W_hat) \
+            + torch.einsum("oi,ij,oj->", W_hat, self.covariance(), W_hat)
+        num, ref = float(num.clamp_min(0.0)), float(ref)
+        return math.sqrt(num / ref) if ref > 0 else math.sqrt(num)
+
+    def __repr__(self) -> str:
+        return f"ReferencedCovariance(in_features={self.in_features}, count={self.count})"
+
+
+def _effective_targets(Ws: list[torch.Tensor], calibration, damping: float) -> list[torch.Tensor]:
+    """Each target as its calibration fits it: :meth:`ReferencedCovariance.effective_target`
+    where the calibration is one, else unchanged."""
+    calib = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(Ws)
+    if len(calib) != len(Ws):
+        return Ws  # _damped_calibrations says what is wrong
+    return [c.effective_target(W, damping) if isinstance(c, ReferencedCovariance) else W for W, c in zip(Ws, calib)]
+
+
+def _reference_errors(Ws: list[torch.Tensor], mats: list[torch.Tensor], calibration) -> list[float | None]:
+    calib = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration] * len(Ws)
+    return [c.reference_output_error(W, M) if isinstance(c, ReferencedCovariance) else None
+            for W, M, c in zip(Ws, mats, calib)]
 
 
 def as_covariance(calibration, in_features: int) -> InputCovariance:
@@ -208,6 +294,9 @@ class MatrixFitReport:
     calibration_rank: int
     calibration_samples: int
     damping: float  # added to C's diagonal because C was rank-deficient (0.0: not damped)
+    #: with a :class:`ReferencedCovariance`: ``||W X - Ŵ X'|| / ||W X||`` against the reference's
+    #: outputs (``output_error`` is then against the effective target, under ``C'``)
+    reference_output_error: float | None = None
 
 
 @dataclass
@@ -263,10 +352,12 @@ def whitened_svd(W: torch.Tensor, rank: int, calibration) -> torch.Tensor:
     """The closed-form minimiser of ``||(W - Ŵ) L||`` over rank-``rank`` matrices ``Ŵ`` (the
     SVD of ``W S``, ``S S^T = C``, mapped back by ``S^{-1}``: SVD-LLM's whitening); float64
     ``(out, in)``. ``calibration``: inputs ``(N, in)`` or an :class:`InputCovariance`
-    (rank-deficient covariances are damped as in :func:`fit_mpo_bank`)."""
+    (rank-deficient covariances are damped as in :func:`fit_mpo_bank`); with a
+    :class:`ReferencedCovariance`, of its effective target."""
+    W = _effective_targets([W.double()], [calibration], 1e-6)[0]
     C = _damp(as_covariance(calibration, W.shape[1]), 1e-6).covariance
     S, S_inv = _sqrt_psd(C)
-    u, s, vh = torch.linalg.svd(W.double() @ S, full_matrices=False)
+    u, s, vh = torch.linalg.svd(W @ S, full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vh[:rank] @ S_inv
 
 
@@ -515,6 +606,8 @@ def fit_mpo_bank(
     shared = sorted({int(k) % m for k in shared})
     device = Ws[0].device
     Ws = [W.detach().to(torch.float64) for W in Ws]
+    originals = Ws
+    Ws = [W.to(device) for W in _effective_targets(Ws, calibration, damping)]
     stats = _damped_calibrations(calibration, E, in_dim, damping)
     Cs = [s.covariance.to(device) for s in stats]
 
@@ -579,15 +672,16 @@ def fit_mpo_bank(
 
     mats = _matrices(cores_per)
     reports = []
-    for e in range(E):
-        norm = float(Ws[e].norm()) or 1.0
+    for e, ref_error in enumerate(_reference_errors(originals, mats, calibration)):
+        norm = float(originals[e].norm()) or 1.0
         tt = tt_mats[e]
         reports.append(MatrixFitReport(
-            weight_error=float((Ws[e] - mats[e]).norm()) / norm,
+            weight_error=float((originals[e].to(device) - mats[e]).norm()) / norm,
             output_error=output_error(Ws[e], mats[e], Cs[e]),
-            tt_svd_weight_error=None if tt is None else float((Ws[e] - tt).norm()) / norm,
+            tt_svd_weight_error=None if tt is None else float((originals[e].to(device) - tt).norm()) / norm,
             tt_svd_output_error=None if tt is None else output_error(Ws[e], tt, Cs[e]),
-            calibration_rank=stats[e].rank, calibration_samples=stats[e].count, damping=stats[e].damping))
+            calibration_rank=stats[e].rank, calibration_samples=stats[e].count, damping=stats[e].damping,
+            reference_output_error=ref_error))
     cores = [cores_per[0][k] if k in shared else torch.stack([cores_per[e][k] for e in range(E)])
              for k in range(m)]
     report = FitReport(reports, start="/".join(sorted(chosen)), objective=history,
