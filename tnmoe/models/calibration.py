@@ -145,7 +145,7 @@ class _Pairing:
 
     def update(self, x: torch.Tensor, mask=None, weight=None) -> None:
         if self.reference_pass:
-            self.kept.append(x)
+            self.kept.append(x.clone())  # a later in-place op of the forward must not change it
         else:
             if not self.kept:
                 raise ValueError("calibration: the substituted model called an FFN matrix more often than the original")
@@ -170,7 +170,9 @@ def substitute_matrices(model: nn.Module, ffn: nn.Module, replacements: dict[str
                              "that can be substituted; use sequential=False")
         name = names[id(holder.weight)]
         weight = out.get(name, (existing or {}).get(name, holder.weight.detach()))
-        new = weight.clone()
+        # the holder's own strides (clone() of a non-dense weight would not keep them)
+        new = torch.empty_strided(weight.shape, holder.weight.stride(), dtype=weight.dtype, device=weight.device)
+        new.copy_(weight)
         view = new.as_strided(matrix.shape, matrix.stride(),
                               new.storage_offset() + matrix.storage_offset() - holder.weight.storage_offset())
         view.copy_(replacements[role].to(new.dtype))
@@ -222,6 +224,9 @@ def collect_referenced_covariances(model: nn.Module, name: str, ffn: nn.Module, 
                     for p in pairings:
                         p.reference_pass = False
                     _run(model, batch, masks, substituted if substitutes else None)
+                    if any(p.kept for p in pairings):
+                        raise ValueError("calibration: the substituted model called an FFN matrix less often than "
+                                         "the original (use sequential=False)")
         finally:
             model.train(was_training)
     finally:

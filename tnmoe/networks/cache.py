@@ -36,7 +36,7 @@ address cannot be reused by a new tensor that would then look identical to the k
 A caller's fast path (``MPOLinear`` at decode) may keep something derived from a tracked value
 with :meth:`DerivedTensorCache.serve` and reuse it while :func:`serving_key` (storage, version,
 counted writes) still matches; a ``p.data = t`` rebind that keeps the storage address but not
-the shape, strides or dtype counts as a write, so that key misses nothing the full key sees.
+the shape, strides or dtype counts as a write, and the key holds shape, strides and dtype too.
 """
 
 from __future__ import annotations
@@ -201,12 +201,13 @@ _Key = tuple
 
 
 def serving_key(sources: Sequence[torch.Tensor]) -> _Key:
-    """Storage, version counter and counted writes of each :class:`TrackedParameter` source: what
-    changes on every write PyTorch can count to one (a rebind through ``.data`` is counted, and
-    in-place view ops such as ``t_()`` bump the version), so equal keys prove tracked sources
-    unchanged. The lean key of :meth:`DerivedTensorCache.serving`."""
+    """Storage address, version counter, counted writes, shape, strides and dtype of each
+    :class:`TrackedParameter` source (a core replaced by another parameter viewing the same
+    memory differently changes the last three), so equal keys prove tracked sources unchanged;
+    ``None`` for an inference tensor. The lean key of :meth:`DerivedTensorCache.serving` (the
+    device is the address's: sources on another device have other addresses)."""
     try:
-        return tuple((t.data_ptr(), t._version, parameter_writes(t)) for t in sources)
+        return tuple((t.data_ptr(), t._version, parameter_writes(t), t.shape, t.stride(), t.dtype) for t in sources)
     except RuntimeError:  # an inference tensor has no version counter: nothing proves it unchanged
         return None
 
@@ -214,10 +215,11 @@ def serving_key(sources: Sequence[torch.Tensor]) -> _Key:
 def _make_key(sources: Sequence[torch.Tensor]) -> _Key:
     # get_device(): -1 on the CPU, the index elsewhere (t.device builds an object: twice the cost)
     try:
-        return tuple((t.data_ptr(), t._version, parameter_writes(t), t.dtype, t.get_device(), t.shape) for t in sources)
+        return tuple((t.data_ptr(), t._version, parameter_writes(t), t.dtype, t.get_device(), t.shape, t.stride())
+                     for t in sources)
     except RuntimeError:  # an inference tensor has no version counter: never tracked, so checked by value
         return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, parameter_writes(t), t.dtype,
-                      t.get_device(), t.shape) for t in sources)
+                      t.get_device(), t.shape, t.stride()) for t in sources)
 
 
 class DerivedTensorCache:
@@ -339,7 +341,7 @@ class DerivedTensorCache:
         what = [self._noted] if self._noted is not None else []
         for k, (now, then) in enumerate(zip(key, self._frozen_key)):
             if now[3:] != then[3:]:
-                what.append(f"source {k}: dtype/device/shape {then[3:]} -> {now[3:]}")
+                what.append(f"source {k}: dtype/device/shape/strides {then[3:]} -> {now[3:]}")
             elif now[0] != then[0]:
                 what.append(f"source {k}: replaced by another tensor "
                             "(p.data = ..., load_state_dict(assign=True), .to())")

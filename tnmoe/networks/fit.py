@@ -155,6 +155,8 @@ class ReferencedCovariance(InputCovariance):
         if reference is None or tuple(reference.shape) != tuple(x.shape):
             raise ValueError("a ReferencedCovariance needs reference= inputs of the inputs' shape "
                              f"{tuple(x.shape)}, got {None if reference is None else tuple(reference.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"mask must have the rows' shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
         if mask is not None:
             reference = reference[mask.to(torch.bool)]
         super().update(x, mask, weight)  # checks x, mask and weight, adds x' x'^T
@@ -171,8 +173,16 @@ class ReferencedCovariance(InputCovariance):
         self.sum_cross.addmm_(r_w.T, xs)
         self.sum_reference.addmm_(r_w.T, r)
 
+    @classmethod
+    def from_matrix(cls, covariance: torch.Tensor, count: int | None = None) -> "ReferencedCovariance":
+        raise TypeError("a ReferencedCovariance needs the paired moments of reference and fitted inputs: build it "
+                        "with update(x, reference=...), or use InputCovariance.from_matrix for a plain covariance")
+
     def effective_target(self, W: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
         """``W~ = W + W (D - C') (C' + λI)^{-1}`` ``(out, in)`` float64 (class docstring)."""
+        if W.dim() != 2 or W.shape[1] != self.in_features:
+            raise ValueError(f"the calibration covariance is over {self.in_features} features, the matrix has shape "
+                             f"{tuple(W.shape)}")
         C = self.covariance()
         D = self.sum_cross / self.total_weight
         scale = float(torch.diagonal(C).mean())

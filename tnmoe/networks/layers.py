@@ -181,7 +181,7 @@ class MPOLinear(MPOBank):
                     and (not inference or torch.is_inference_mode_enabled())
                     and serving_key(self.core_tensors()) == key):  # every countable write changes it
                 self.weight_cache.hits += 1
-                return nn.functional.linear(x, W, self._parameters.get("bias"))
+                return nn.functional.linear(x, W, self.bias)  # live: pruning/parametrizations move it
         cores = self.core_tensors()  # once per call: a forward at a few tokens is Python-bound
         if torch.compiler.is_compiling():  # traced once: no memo state in the graph
             shapes = self.core_shapes
