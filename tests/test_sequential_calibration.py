@@ -37,7 +37,7 @@ def _objective(W, W_hat, X, Xp) -> float:
 def test_referenced_whitened_svd_is_the_least_squares_optimum_on_the_samples():
     X, Xp = _pair()
     W = torch.randn(10, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
-    acc = ReferencedCovariance(12)
+    acc = ReferencedCovariance(12, ridge=0.0)  # the exact least-squares problem
     acc.update(Xp[:250], reference=X[:250])
     acc.update(Xp[250:], reference=X[250:])  # streamed in two chunks
     rank = 4
@@ -46,8 +46,8 @@ def test_referenced_whitened_svd_is_the_least_squares_optimum_on_the_samples():
     u, s, vh = torch.linalg.svd(W @ X.T @ Q)
     best = (u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(R.T)
     ours = whitened_svd(W, rank, acc)
-    # the fit's ridge (1e-6 of the mean variance) moves the optimum by ~1e-6 relative
-    assert _objective(W, ours, X, Xp) <= _objective(W, best, X, Xp) * (1 + 1e-5)
+    # both are float64 solutions of a 600 x 12 problem with condition ~10: equal to ~1e-12
+    assert _objective(W, ours, X, Xp) <= _objective(W, best, X, Xp) * (1 + 1e-9)
     # the reported error is the samples' relative error (float64 moments of 600 rows)
     direct = (_objective(W, ours, X, Xp) / float(((X @ W.T) ** 2).sum())) ** 0.5
     assert acc.reference_output_error(W, ours) == pytest.approx(direct, rel=1e-9)
@@ -55,6 +55,30 @@ def test_referenced_whitened_svd_is_the_least_squares_optimum_on_the_samples():
     same = ReferencedCovariance(12)
     same.update(X, reference=X)
     torch.testing.assert_close(same.effective_target(W), W, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-2, 0.5])
+def test_effective_target_is_the_full_rank_fit_anchored_to_the_original_by_the_ridge(ridge):
+    """``W~`` minimises ``||W X^T - Ŵ X'^T||^2 + λ n ||Ŵ - W||^2`` (λ = ridge * mean(diag C')):
+    checked against lstsq on the augmented sample system."""
+    X, Xp = _pair()
+    W = torch.randn(10, 12, generator=torch.Generator().manual_seed(2), dtype=F64)
+    acc = ReferencedCovariance(12, ridge=ridge)
+    acc.update(Xp, reference=X)
+    n = X.shape[0]
+    lam = ridge * float((Xp * Xp).sum(0).mean()) / n
+    A = torch.cat([Xp, (lam * n) ** 0.5 * torch.eye(12, dtype=F64)])
+    B = torch.cat([X @ W.T, (lam * n) ** 0.5 * W.T])
+    expected = torch.linalg.lstsq(A, B).solution.T
+    torch.testing.assert_close(acc.effective_target(W), expected, rtol=1e-9, atol=1e-10)
+    # a larger ridge keeps the target nearer the original
+    if ridge > 0:
+        loose = ReferencedCovariance(12, ridge=0.0)
+        loose.update(Xp, reference=X)
+        assert (acc.effective_target(W) - W).norm() < (loose.effective_target(W) - W).norm()
+    for bad in (-1e-3, float("nan"), True, "0.01"):
+        with pytest.raises(ValueError, match="ridge"):
+            ReferencedCovariance(12, ridge=bad)
 
 
 def test_referenced_mpo_fit_lowers_the_referenced_objective_and_reports_it():
@@ -216,3 +240,19 @@ def test_sequential_convert_reports_the_error_the_converted_model_makes():
     # rounding (~1e-7 relative), so the two error ratios agree to ~1e-6; calibrating on the
     # original model's inputs instead would be off by ~1e-4 here
     assert bank.fit_report.matrices[0].reference_output_error == pytest.approx(direct, abs=1e-6)
+
+
+def test_convert_and_truncate_refuse_a_bad_sequential_ridge():
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32))
+    batches = [{"input_ids": torch.randint(0, 50, (2, 5))}]
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(ValueError, match="ridge"):
+            moe.convert(model, moe.MoEConfig(num_experts=2, m=2, max_bond=2), calibration=batches,
+                        sequential=True, sequential_ridge=bad, progress=False)
+        with pytest.raises(ValueError, match="ridge"):
+            moe.truncate_ffns(model, moe.MoEConfig(num_experts=1, m=2, max_bond=2), method="whitened-svd",
+                              calibration=batches, sequential=True, sequential_ridge=bad, progress=False)
+    assert not moe.converted_modules(model)

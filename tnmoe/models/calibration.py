@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..networks.fit import InputCovariance, ReferencedCovariance
+from ..networks.fit import CORRECTION_RIDGE, InputCovariance, ReferencedCovariance
 from .adapters import get_adapter
 
 __all__ = ["FFN_STAGES", "collect_ffn_covariances", "collect_referenced_covariances", "substitute_matrices"]
@@ -186,8 +186,8 @@ FFN_STAGES = (("up", "gate"), ("down",))
 
 
 def collect_referenced_covariances(model: nn.Module, name: str, ffn: nn.Module, batches: Iterable,
-                                   substitutes: dict[str, torch.Tensor], *, roles=None, progress: bool = True
-                                   ) -> dict[str, ReferencedCovariance]:
+                                   substitutes: dict[str, torch.Tensor], *, roles=None, progress: bool = True,
+                                   ridge: float = CORRECTION_RIDGE) -> dict[str, ReferencedCovariance]:
     """Statistics to fit FFN ``name``'s matrices (``roles``, default all) to what the original
     ``model`` computes, from the inputs they get once earlier matrices are replaced by
     ``substitutes`` (``{qualified parameter name: tensor}``, see :func:`substitute_matrices`):
@@ -195,6 +195,7 @@ def collect_referenced_covariances(model: nn.Module, name: str, ffn: nn.Module, 
 
     Each batch runs twice, as the model is and with the substitutes (``torch.func.functional_call``:
     the model is not modified); padding and ``token_weight`` as in :func:`collect_ffn_covariances`.
+    ``ridge``: the statistics' correction ridge (:class:`ReferencedCovariance`).
     """
     spec = get_adapter(ffn).extract(ffn)
     stats: dict[str, ReferencedCovariance] = {}
@@ -208,7 +209,7 @@ def collect_referenced_covariances(model: nn.Module, name: str, ffn: nn.Module, 
                 raise ValueError(
                     f"calibration: the {role} matrix of {name!r} ({type(ffn).__name__}) is not the weight of "
                     "a linear submodule whose input could be hooked; convert this FFN kind without calibration")
-            stats[role] = ReferencedCovariance(matrix.shape[1])
+            stats[role] = ReferencedCovariance(matrix.shape[1], ridge=ridge)
             pairing = _Pairing(stats[role])
             pairings.append(pairing)
             hooks.append(holder.register_forward_pre_hook(_Recorder(pairing, masks, _mask_index(model, name))))

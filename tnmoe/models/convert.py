@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..networks import MPO, allocate_bonds
 from ..networks.decompose import check_finite
+from ..networks.fit import CORRECTION_RIDGE, check_ridge
 from .adapters import FFNSpec, get_adapter, registered_adapters
 from ..moe.config import MoEConfig
 from .calibration import FFN_STAGES, collect_ffn_covariances, collect_referenced_covariances, substitute_matrices
@@ -196,7 +197,7 @@ def find_target_modules(model: nn.Module, target_modules=None) -> list[tuple[str
 
 def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
             progress: bool = True, calibration=None, fit_options: dict | None = None,
-            sequential: bool = False) -> nn.Module:
+            sequential: bool = False, sequential_ridge: float = CORRECTION_RIDGE) -> nn.Module:
     """Replace the model's FFNs (``config.target_modules``) by MoE layers, in place.
 
     Each expert starts from the pretrained FFN (MPO-decomposed for ``expert_type="mpo"``);
@@ -223,7 +224,9 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     fitted twice: once to calibrate it, once in the layer built). Each FFN costs four passes over
     the batches (kept in memory as a list), the model is not modified until every FFN is built,
     and each earlier fit is held as a dense matrix (the experts' mean) while later ones are
-    calibrated.
+    calibrated. ``sequential_ridge``: the ridge of that correction, relative to the mean input
+    variance (:class:`tnmoe.networks.ReferencedCovariance`; near 0 it lets the fitted weights grow
+    large in directions the inputs hardly use).
 
     ``config.target_ratio`` (instead of ``max_bond``): every FFN matrix's bonds are chosen across
     all converted matrices so one MPO per matrix keeps that fraction of their dense parameters
@@ -233,6 +236,7 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
     if not isinstance(config, MoEConfig):
         raise TypeError(f"config must be a tnmoe.moe.MoEConfig, got {type(config).__name__}")
     config.validate()
+    sequential_ridge = check_ridge(sequential_ridge)
     existing = _tnmoe_modules(model)
     if existing:
         raise ValueError(
@@ -274,7 +278,8 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
                 stats = covariances.get(name)
                 if sequential:  # the input-side matrices first, then down from their fits' outputs
                     stats = collect_referenced_covariances(model, name, module, calibration, substitutes,
-                                                           roles=FFN_STAGES[0], progress=False)
+                                                           roles=FFN_STAGES[0], progress=False,
+                                                           ridge=sequential_ridge)
                     state = gen.get_state()
                     first = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i,
                                             calibration=stats, fit_options=fit_options, name=name)
@@ -282,7 +287,7 @@ def convert(model: nn.Module, config: MoEConfig, *, init: str = "pretrained",
                     stats.update(collect_referenced_covariances(
                         model, name, module, calibration,
                         {**substitutes, **substitute_matrices(model, module, inner, existing=substitutes)},
-                        roles=FFN_STAGES[1], progress=False))
+                        roles=FFN_STAGES[1], progress=False, ridge=sequential_ridge))
                     gen.set_state(state)  # the final build draws what a one-pass build draws
                 layer = build_moe_layer(spec, config, init=init, generator=gen, seed=config.seed + i,
                                         calibration=stats, fit_options=fit_options, name=name)

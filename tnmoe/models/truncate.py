@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..moe.config import MoEConfig
 from ..networks import MPO
-from ..networks.fit import ReferencedCovariance, output_error, whitened_svd
+from ..networks.fit import CORRECTION_RIDGE, ReferencedCovariance, check_ridge, output_error, whitened_svd
 from .adapters import get_adapter
 from .calibration import (FFN_STAGES, _holder, collect_ffn_covariances, collect_referenced_covariances,
                           substitute_matrices)
@@ -58,7 +58,7 @@ class TruncatedMatrix:
 
 def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd", calibration=None,
                   fit_options: dict | None = None, progress: bool = True,
-                  sequential: bool = False) -> list[TruncatedMatrix]:
+                  sequential: bool = False, sequential_ridge: float = CORRECTION_RIDGE) -> list[TruncatedMatrix]:
     """Replace every FFN matrix ``config.target_modules`` selects by its truncation, in place.
 
     ``config`` gives the factorization (``m`` / ``factors``) and ``max_bond`` (required: it sets the
@@ -68,8 +68,10 @@ def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd"
     are computed before any is written, so on an error the model is unchanged. Returns one
     :class:`TruncatedMatrix` per replaced matrix. ``sequential=True``: each FFN is fitted to the
     original model's outputs from the inputs the truncations before it give (as for
-    :func:`tnmoe.moe.convert`); ``output_error`` is then against the original outputs.
+    :func:`tnmoe.moe.convert`, with ``sequential_ridge`` as there); ``output_error`` is then
+    against the original outputs.
     """
+    sequential_ridge = check_ridge(sequential_ridge)
     if method not in TRUNCATION_METHODS:
         raise ValueError(f"method must be one of {TRUNCATION_METHODS}, got {method!r}")
     if config.max_bond is None:
@@ -101,7 +103,8 @@ def truncate_ffns(model: nn.Module, config: MoEConfig, *, method: str = "tt-svd"
                 # this role's stage: its inputs come after this FFN's earlier-stage fits too
                 stage = next(st for st in FFN_STAGES if role in st)
                 covariances.setdefault(name, {}).update(collect_referenced_covariances(
-                    model, name, module, calibration, substitutes, roles=stage, progress=False))
+                    model, name, module, calibration, substitutes, roles=stage, progress=False,
+                    ridge=sequential_ridge))
             if _holder(module, matrix) is None:
                 raise ValueError(f"{name}.{role} ({type(module).__name__}) is not held by a linear submodule's weight, "
                                  "so it cannot be replaced in place (model left unchanged)")

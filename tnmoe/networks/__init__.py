@@ -35,7 +35,8 @@ from .contraction import (
 )
 from .decompose import SVDTruncation, lossless_bond_dims, move_center, truncate_train, tt_svd
 from .factorize import check_factors, factorize
-from .fit import FitReport, InputCovariance, MatrixFitReport, ReferencedCovariance, allocate_bonds, fit_mpo_bank
+from .fit import (CORRECTION_RIDGE, FitReport, InputCovariance, MatrixFitReport, ReferencedCovariance, allocate_bonds,
+                  fit_mpo_bank)
 from .interop import (
     contract_network,
     from_finite_mpo,
@@ -76,6 +77,7 @@ __all__ = [
     "allocate_bonds",
     "InputCovariance",
     "ReferencedCovariance",
+    "CORRECTION_RIDGE",
     "FitReport",
     "MatrixFitReport",
     "factorize",

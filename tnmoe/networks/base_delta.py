@@ -92,7 +92,7 @@ def fit_base_delta(
     if data_blind:
         calibration = InputCovariance.from_matrix(torch.eye(in_dim, dtype=torch.float64, device=device))
     originals = Ws
-    Ws = [W.to(device) for W in _effective_targets(Ws, calibration, damping)]  # ReferencedCovariance
+    Ws = [W.to(device) for W in _effective_targets(Ws, calibration)]  # ReferencedCovariance
     stats = _damped_calibrations(calibration, E, in_dim, damping)
     Cs = [s.covariance.to(device) for s in stats]
     roots = {}
